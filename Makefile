@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (the whole system on built-in data) and
+# `make test` (the test suite). Both create or update the virtual environment
+# from pyproject.toml first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Nothing may be fetched from a hub at run time; libraries that phone home are told not to.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m demo.run $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/step.py
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/train.py
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,67 @@
+"""Run configuration: YAML files with `model`, `data`, `train` sections.
+
+A file may name a parent with `inherit: other.yaml` (relative to itself); the
+child is deep-merged over the parent. Command-line overrides are dotted
+`key=value` pairs whose values are parsed as YAML (`train.lr=3e-4`,
+`data.shards=[a,b]`). The resolved dict is what a run records in its folder.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return `base` with `override` merged in; nested dicts merge, the rest replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read(path: Path, seen: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config inheritance loops through {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping at the top level")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    return deep_merge(_read(path.parent / parent, seen + (path,)), data)
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """Apply dotted `a.b.c=value` overrides; an unknown top-level section is refused."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = cfg
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """Read a YAML config (following `inherit`) and apply dotted overrides."""
+    return apply_overrides(_read(Path(path), ()), overrides)
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
