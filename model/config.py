@@ -8,10 +8,27 @@ child is deep-merged over the parent. Command-line overrides are dotted
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.2), not as the string PyYAML's 1.1 rules give."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+               |[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -31,7 +48,7 @@ def _read(path: Path, seen: tuple[Path, ...]) -> dict:
         raise ValueError(f"config inheritance loops through {path}")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_yaml(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a mapping at the top level")
     parent = data.pop("inherit", None)
@@ -54,7 +71,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw)
     return cfg
 
 
