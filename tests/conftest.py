@@ -7,4 +7,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 pytest_plugins = [
+    "tests.fixtures.model",
+    "tests.fixtures.shards",
+    "tests.fixtures.http_images",
+    "tests.fixtures.retrieval",
+    "tests.fixtures.slurm",
 ]

@@ -1,0 +1,210 @@
+"""ALBEF: align (ITC) before fuse (ITM, MLM), with momentum distillation.
+
+`ALBEF(cfg["model"], global_batch_size)` builds the online encoders (loading
+`vision.init` / `text.init` weights when set), their frozen fp32 momentum
+copies and the feature queues. A training forward (module in train mode):
+
+1. clamp the temperature (no grad);
+2. unimodal features; EMA step of the momentum copies; momentum features;
+3. ITC against batch + queue, targets distilled from the momentum model;
+4. ITM on the positive pairs and on hard negatives drawn from the ITC similarities;
+5. MLM on masked text, distilled from the momentum model (not in retrieval mode);
+6. enqueue the momentum features (all-gathered across ranks).
+
+In eval mode the same losses are computed without steps 2's EMA and 6.
+The random draws use `generator` when given, in this order: a negative image
+for each text, a negative text for each image, then the MLM masking.
+
+Retrieval fine-tuning (`model.retrieval: true`): `idx` (image id per sample)
+is required; ITC treats every pair sharing an image id as positive (also in
+the queue, via `idx_queue`), ITM negatives never share the image id, no MLM.
+
+Under DeepSpeed: pass `trainable_parameters()` to `deepspeed.initialize`
+(the momentum copies are not trained), run it in torch_autocast mode (keeps
+the momentum copies and queues fp32), and call `sync_buffers()` once after it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.checkpoint import load_hf_bert, load_vit_weights
+from model.encoders import build_text_encoder, build_vision_encoder
+from model.feature_queue import FeatureQueue
+from model.losses import (IGNORE_INDEX, itc_loss, itc_positives, itm_loss, mask_tokens, mlm_loss,
+                          sample_negatives)
+from model.momentum import copy_online_to_momentum, ema_update, make_momentum_copies, parameter_pairs
+from model.settings import ALBEFSettings
+
+log = logging.getLogger(__name__)
+
+
+def text_settings_from_tokenizer(tokenizer) -> dict:
+    """The ids the model needs from a tokenizer, to merge into `cfg["model"]["text"]`."""
+    settings = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                "cls_token_id": tokenizer.cls_token_id, "mask_token_id": tokenizer.mask_token_id}
+    absent = [name for name, value in settings.items() if value is None]
+    if absent:
+        raise ValueError(f"tokenizer has no {', '.join(absent)} (ALBEF needs [PAD], [CLS] and [MASK])")
+    return settings
+
+
+class ALBEF(nn.Module):
+    def __init__(self, cfg: dict, global_batch_size: int | None = None):
+        super().__init__()
+        s = ALBEFSettings.from_dict(cfg)
+        self.settings = s
+        self.visual_encoder = build_vision_encoder(s.vision)
+        self.text_encoder = build_text_encoder(s.text, s.vision.width, with_mlm_head=not s.retrieval)
+        self.vision_proj = nn.Linear(s.vision.width, s.embed_dim)
+        self.text_proj = nn.Linear(s.text.hidden_size, s.embed_dim)
+        self.itm_head = nn.Linear(s.text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(s.temp))
+
+        self.init_reports = []
+        if s.vision.init:
+            self.init_reports.append(load_vit_weights(self.visual_encoder, s.vision, s.vision.init))
+        if s.text.init:
+            self.init_reports.append(load_hf_bert(self.text_encoder, s.text, s.text.init))
+        for report in self.init_reports:
+            log.info("%s", report)
+
+        (self.visual_encoder_m, self.vision_proj_m, self.text_encoder_m,
+         self.text_proj_m) = make_momentum_copies(
+            [self.visual_encoder, self.vision_proj, self.text_encoder, self.text_proj])
+        self.queue = FeatureQueue(s.embed_dim, s.queue_size, with_idx=s.retrieval,
+                                  global_batch_size=global_batch_size)
+
+    # ------------------------------------------------------------ parameters
+
+    def momentum_modules(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, momentum) module pairs of the EMA (not the ITM head nor the temperature)."""
+        return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
+                (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+
+    def _momentum_parameter_ids(self) -> set[int]:
+        return {id(p) for _, momentum in self.momentum_modules() for p in momentum.parameters()}
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Everything the optimiser updates: all parameters except the momentum copies."""
+        frozen = self._momentum_parameter_ids()
+        return [(name, p) for name, p in self.named_parameters() if id(p) not in frozen]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.trainable_named_parameters()]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """One EMA step p_m <- m p_m + (1-m) p on every pair (ZeRO-3 partitions updated in place)."""
+        ema_update(parameter_pairs(self.momentum_modules()), self.settings.momentum)
+
+    @torch.no_grad()
+    def copy_online_to_momentum(self) -> None:
+        copy_online_to_momentum(parameter_pairs(self.momentum_modules()))
+
+    def sync_buffers(self) -> None:
+        """Broadcast the queues from rank 0; call once after deepspeed.initialize (no-op in one process)."""
+        self.queue.sync_buffers()
+
+    # ------------------------------------------------------------ inference API
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] -> (tokens [B,1+N,Dv], L2-normalised feature [B,E])."""
+        tokens = self.visual_encoder(images)
+        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask [B,L] -> (text-mode token states [B,L,Dt], L2-normalised feature [B,E])."""
+        tokens = self.text_encoder.encode(input_ids, attention_mask)
+        return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+
+    def itm_logits(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """Fusion layers over text-mode states with image tokens, ITM head on CLS -> [B,2] (1 = match)."""
+        fused = self.text_encoder.fuse(text_tokens, attention_mask, image_tokens)
+        return self.itm_head(fused[:, 0])
+
+    # ------------------------------------------------------------ losses
+
+    @torch.no_grad()
+    def _momentum_features(self, image, input_ids, attention_mask):
+        image_tokens_m = self.visual_encoder_m(image)
+        image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
+        text_tokens_m = self.text_encoder_m.encode(input_ids, attention_mask)
+        text_feat_m = F.normalize(self.text_proj_m(text_tokens_m[:, 0]), dim=-1)
+        return image_tokens_m, image_feat_m, text_feat_m
+
+    def itm(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, attention_mask: torch.Tensor,
+            neg_image: torch.Tensor, neg_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM loss over bs positives, bs (text, negative image) and bs (negative text, image) pairs.
+
+        neg_image[i]: the image paired with text i; neg_text[i]: the text paired with image i.
+        One fusion pass over the 3*bs pairs; returns (loss, accuracy).
+        """
+        texts = torch.cat([text_tokens, text_tokens, text_tokens[neg_text]])
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
+        return itm_loss(self.itm_logits(images, texts, masks), text_tokens.shape[0])
+
+    def mlm(self, masked_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+            image_tokens: torch.Tensor, image_tokens_m: torch.Tensor, alpha: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM distilled from the momentum model, scored only at the chosen positions."""
+        chosen = labels != IGNORE_INDEX  # [B,L]
+        states = self.text_encoder.fuse(self.text_encoder.encode(masked_ids, attention_mask),
+                                        attention_mask, image_tokens)
+        logits = self.text_encoder.mlm_head(states[chosen])  # [M,V]
+        with torch.no_grad():
+            states_m = self.text_encoder_m.fuse(self.text_encoder_m.encode(masked_ids, attention_mask),
+                                                attention_mask, image_tokens_m)
+            soft_labels = F.softmax(self.text_encoder_m.mlm_head(states_m[chosen]).float(), dim=-1)
+        return mlm_loss(logits, labels[chosen], soft_labels, alpha)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                alpha: float, idx: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """image [B,3,H,W], input_ids/attention_mask [B,L], idx [B] (retrieval) -> losses and metrics."""
+        s = self.settings
+        if s.retrieval != (idx is not None):
+            raise ValueError("idx (image id per sample) must be given exactly when model.retrieval is true")
+        bs = image.shape[0]
+        with torch.no_grad():
+            self.temp.clamp_(s.temp_min, s.temp_max)
+
+        image_tokens, image_feat = self.encode_image(image)
+        text_tokens, text_feat = self.encode_text(input_ids, attention_mask)
+        if self.training:
+            self.momentum_update()
+        image_tokens_m, image_feat_m, text_feat_m = self._momentum_features(image, input_ids, attention_mask)
+
+        positives = itc_positives(bs, s.queue_size, image.device, idx,
+                                  self.queue.idx_queue if idx is not None else None)
+        # clones: backward needs the queues as they are now, and the enqueue below overwrites them
+        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.queue.image_queue.clone(),
+                       self.queue.text_queue.clone(), self.temp, alpha, positives)
+
+        in_batch = positives[:, :bs]
+        neg_image = sample_negatives(itc.sim_t2i[:, :bs].detach(), in_batch, generator)
+        neg_text = sample_negatives(itc.sim_i2t[:, :bs].detach(), in_batch, generator)
+        loss_itm, acc_itm = self.itm(image_tokens, text_tokens, attention_mask, neg_image, neg_text)
+
+        if s.retrieval:
+            loss_mlm = acc_mlm = torch.zeros((), device=image.device)
+        else:
+            masked_ids, labels = mask_tokens(
+                input_ids, vocab_size=s.text.vocab_size, pad_token_id=s.text.pad_token_id,
+                cls_token_id=s.text.cls_token_id, mask_token_id=s.text.mask_token_id,
+                probability=s.mlm.probability, mask_fraction=s.mlm.mask_fraction,
+                random_fraction=s.mlm.random_fraction, generator=generator)
+            loss_mlm, acc_mlm = self.mlm(masked_ids, labels, attention_mask, image_tokens,
+                                         image_tokens_m, alpha)
+
+        if self.training:
+            self.queue.enqueue(image_feat_m, text_feat_m, idx)
+        return {"loss": itc.loss + loss_itm + loss_mlm,
+                "loss_itc": itc.loss.detach(), "loss_itm": loss_itm.detach(), "loss_mlm": loss_mlm.detach(),
+                "acc_itc": itc.accuracy, "acc_itm": acc_itm, "acc_mlm": acc_mlm.detach()}

@@ -1,0 +1,223 @@
+"""The three encoders of ALBEF and the MLM head.
+
+- Image: timm's VisionTransformer, returning every token after the final norm.
+- Text + fusion: our own BERT-compatible layers on
+  `torch.nn.functional.scaled_dot_product_attention`. Parameter shapes and the
+  arithmetic follow BERT (post-LayerNorm, exact GELU, learned absolute
+  positions, token type 0), so Hugging Face BERT weights load layer by layer
+  (`model.checkpoint`) without using any of transformers' layer classes.
+  Layers 0..k-1 are text layers (self-attention, FFN); layers k.. are fusion
+  layers (self-attention, cross-attention to image tokens, FFN).
+- MLM head: BERT's prediction head, decoder tied to the word embeddings.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from model.settings import TextSettings, VisionSettings
+
+
+class VisionEncoder(VisionTransformer):
+    """timm ViT without classifier; forward gives all tokens [B, 1+N, D] (CLS at 0).
+
+    A subclass rather than a wrapper so that parameter names are exactly the
+    released `visual_encoder.*` names and DeepSpeed ZeRO-3 hooks see the call.
+    """
+
+    def __init__(self, s: VisionSettings):
+        super().__init__(img_size=s.image_res, patch_size=s.patch_size, embed_dim=s.width,
+                         depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio,
+                         qkv_bias=s.qkv_bias, num_classes=0, global_pool="",
+                         norm_layer=partial(nn.LayerNorm, eps=s.layer_norm_eps),
+                         drop_path_rate=s.drop_path)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] -> [B,1+N,D]
+        return self.forward_features(images)
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position + token-type-0 embeddings, LayerNorm, dropout."""
+
+    def __init__(self, s: TextSettings):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(s.vocab_size, s.hidden_size, padding_idx=s.pad_token_id)
+        self.position_embeddings = nn.Embedding(s.max_position_embeddings, s.hidden_size)
+        self.token_type_embeddings = nn.Embedding(s.type_vocab_size, s.hidden_size)
+        self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.dropout = nn.Dropout(s.hidden_dropout)
+        self.max_positions = s.max_position_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B,L] -> [B,L,H]
+        length = input_ids.shape[1]
+        if length > self.max_positions:
+            raise ValueError(f"text of {length} tokens exceeds model.text.max_position_embeddings="
+                             f"{self.max_positions}")
+        positions = torch.arange(length, device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(torch.zeros_like(input_ids)))
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    """BERT attention block: multi-head attention, output dense, dropout, residual, post-LayerNorm.
+
+    Self-attention when `context` is the input itself; cross-attention when it
+    is the image tokens (key/value input width `kv_width`).
+    """
+
+    def __init__(self, s: TextSettings, kv_width: int):
+        super().__init__()
+        self.num_heads = s.num_heads
+        self.query = nn.Linear(s.hidden_size, s.hidden_size)
+        self.key = nn.Linear(kv_width, s.hidden_size)
+        self.value = nn.Linear(kv_width, s.hidden_size)
+        self.dense = nn.Linear(s.hidden_size, s.hidden_size)
+        self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.dropout = nn.Dropout(s.hidden_dropout)
+        self.attention_dropout = s.attention_dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B,S,H] -> [B,heads,S,H/heads]
+        b, n, h = x.shape
+        return x.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None) -> torch.Tensor:
+        # x [B,L,H]; context [B,S,W]; context_mask bool [B,1,1,S] (True = attend) or None (all)
+        b, n, h = x.shape
+        out = F.scaled_dot_product_attention(
+            self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context)),
+            attn_mask=context_mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, n, h)
+        return self.norm(x + self.dropout(self.dense(out)))
+
+
+class FeedForward(nn.Module):
+    """BERT FFN: dense, GELU, dense, dropout, residual, post-LayerNorm."""
+
+    def __init__(self, s: TextSettings):
+        super().__init__()
+        self.dense_in = nn.Linear(s.hidden_size, s.intermediate_size)
+        self.dense_out = nn.Linear(s.intermediate_size, s.hidden_size)
+        self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.dropout = nn.Dropout(s.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,L,H] -> [B,L,H]
+        return self.norm(x + self.dropout(self.dense_out(F.gelu(self.dense_in(x)))))
+
+
+class TextLayer(nn.Module):
+    """Text-mode BERT layer: self-attention, FFN."""
+
+    def __init__(self, s: TextSettings):
+        super().__init__()
+        self.self_attn = Attention(s, s.hidden_size)
+        self.ffn = FeedForward(s)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.self_attn(x, x, mask))
+
+
+class FusionLayer(nn.Module):
+    """Fusion BERT layer: self-attention over text, cross-attention to image tokens, FFN."""
+
+    def __init__(self, s: TextSettings, vision_width: int):
+        super().__init__()
+        self.self_attn = Attention(s, s.hidden_size)
+        self.cross_attn = Attention(s, vision_width)
+        self.ffn = FeedForward(s)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        # every image token is attended (the reference's image attention mask is all ones)
+        return self.ffn(self.cross_attn(self.self_attn(x, x, mask), image, None))
+
+
+class MLMHead(nn.Module):
+    """BERT prediction head: dense, GELU, LayerNorm, decoder (weight tied to word embeddings) + bias."""
+
+    def __init__(self, s: TextSettings):
+        super().__init__()
+        self.dense = nn.Linear(s.hidden_size, s.hidden_size)
+        self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.decoder = nn.Linear(s.hidden_size, s.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V]
+        return self.decoder(self.norm(F.gelu(self.dense(x))))
+
+
+def _attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B,L] 0/1 -> bool [B,1,1,L] for SDPA (True = may be attended)."""
+    return attention_mask[:, None, None, :].bool()
+
+
+class TextFusionEncoder(nn.Module):
+    """BERT with its layers split into a text encoder and a fusion encoder, plus the MLM head.
+
+    `encode` is the text mode (unimodal features for ITC and retrieval);
+    `fuse` runs the fusion layers on text states with image tokens; `mlm_head`
+    is absent in retrieval models (as in the reference's fine-tuning model).
+    """
+
+    def __init__(self, s: TextSettings, vision_width: int, with_mlm_head: bool):
+        super().__init__()
+        self.embeddings = BertEmbeddings(s)
+        self.text_layers = nn.ModuleList(TextLayer(s) for _ in range(s.num_text_layers))
+        self.fusion_layers = nn.ModuleList(FusionLayer(s, vision_width) for _ in range(s.num_fusion_layers))
+        self.mlm_head = MLMHead(s) if with_mlm_head else None
+        self.apply(partial(_bert_init, std=s.init_std))
+        if self.mlm_head is not None:
+            # one shared Parameter (tied as in BERT; ZeRO-3 gathers it for either module)
+            self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # [B,L] ids, [B,L] mask -> [B,L,H] text-mode states
+        mask = _attention_mask(attention_mask)
+        x = self.embeddings(input_ids)
+        for layer in self.text_layers:
+            x = layer(x, mask)
+        return x
+
+    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
+             image_states: torch.Tensor) -> torch.Tensor:
+        # [B,L,H] text states, [B,L] mask, [B,N,W] image tokens -> [B,L,H] multimodal states
+        mask = _attention_mask(attention_mask)
+        x = text_states
+        for layer in self.fusion_layers:
+            x = layer(x, mask, image_states)
+        return x
+
+
+@torch.no_grad()
+def _bert_init(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: normal(0, std) weights, zero biases, unit LayerNorm, zero PAD row."""
+    if isinstance(module, nn.Linear):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, std)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+
+
+VISION_ENCODERS = {"vit": VisionEncoder}
+TEXT_ENCODERS = {"bert": TextFusionEncoder}
+
+
+def build_vision_encoder(s: VisionSettings) -> VisionEncoder:
+    if s.encoder not in VISION_ENCODERS:
+        raise ValueError(f"model.vision.encoder={s.encoder!r} is unknown; known: {', '.join(VISION_ENCODERS)}")
+    return VISION_ENCODERS[s.encoder](s)
+
+
+def build_text_encoder(s: TextSettings, vision_width: int, with_mlm_head: bool) -> TextFusionEncoder:
+    if s.encoder not in TEXT_ENCODERS:
+        raise ValueError(f"model.text.encoder={s.encoder!r} is unknown; known: {', '.join(TEXT_ENCODERS)}")
+    return TEXT_ENCODERS[s.encoder](s, vision_width, with_mlm_head)

@@ -1,0 +1,92 @@
+"""`python -m model.plot RUN_DIR`: loss and throughput curves of a run as PNG.
+
+Reads `RUN_DIR/logs/metrics.csv` (written by `model/train.py`) and writes
+`RUN_DIR/plots/loss.png` (total, ITC, ITM, MLM) and `RUN_DIR/plots/throughput.png`
+(samples/s and data-wait fraction).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOSS_CURVES = (("loss", "total"), ("loss_itc", "ITC"), ("loss_itm", "ITM"), ("loss_mlm", "MLM"))
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[float]]:
+    """Columns of `logs/metrics.csv` as float lists (the last row wins for a repeated step)."""
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}: is {run_dir} a training run folder?")
+    by_step: dict[int, dict[str, str]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            by_step[int(row["step"])] = row
+    if not by_step:
+        raise ValueError(f"{path} holds no rows yet")
+    rows = [by_step[s] for s in sorted(by_step)]
+    return {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")] for key in rows[0]}
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    cols = read_metrics(run_dir)
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = cols["step"]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in LOSS_CURVES:
+        if key in cols:
+            ax.plot(steps, cols[key], label=label)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{run_dir.name}: pretraining losses")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    loss_png = out_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(loss_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(steps, cols["samples_per_s"], color="tab:blue", label="samples/s")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("samples/s (all ranks)")
+    wait = ax.twinx()
+    wait.plot(steps, [100 * v for v in cols["data_wait_frac"]], color="tab:orange", label="data wait %")
+    wait.set_ylabel("data wait (% of step time)")
+    wait.set_ylim(0, 100)
+    ax.set_title(f"{run_dir.name}: throughput")
+    handles = ax.get_legend_handles_labels()[0] + wait.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
+    ax.grid(alpha=0.3)
+    thr_png = out_dir / "throughput.png"
+    fig.tight_layout()
+    fig.savefig(thr_png, dpi=120)
+    plt.close(fig)
+    return [loss_png, thr_png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="training run folder (holds logs/metrics.csv)")
+    args = parser.parse_args(argv)
+    try:
+        written = plot_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"model.plot: {err}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What a training run reports: the rank-0 progress line, CSV and TensorBoard
+metrics, and a per-rank JSON-lines record of every optimiser step.
+
+- `Throughput` times each step, splitting the time spent waiting for the next
+  batch from the rest, over a logging window.
+- `MetricsLog` (rank 0): appends one row per logging window to
+  `logs/metrics.csv` and the same scalars to TensorBoard (`logs/tb/`). On resume
+  the rows after the resumed step are dropped so the CSV stays one curve.
+- `StepRecords` (every rank): `logs/records_rank{R}.jsonl`, one JSON object per
+  optimiser step (losses, lr, alpha, queue checksum, data position); each start
+  of the trainer first writes a `{"event": "start", ...}` line. Tests read these.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CSV_NAME = "metrics.csv"
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
+ACC_KEYS = ("acc_itc", "acc_itm", "acc_mlm")
+
+
+class Throughput:
+    """Step and data-wait timing over a window of optimiser steps."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.window_start = time.perf_counter()
+        self.data_wait = 0.0
+        self.samples = 0
+        self.steps = 0
+
+    def add_wait(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    def add_step(self, samples: int) -> None:
+        self.samples += samples
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        return {
+            "samples_per_s": self.samples / elapsed,
+            "steps_per_s": self.steps / elapsed,
+            "data_wait_frac": min(1.0, self.data_wait / elapsed),
+        }
+
+
+def format_eta(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def progress_line(step: int, total: int, epoch: int, scalars: dict[str, float]) -> str:
+    """`step 120/3000 ep 0 | 812.4 samples/s | data 3.1% | ETA 1:02:03 | loss 4.321 ...`."""
+    eta = (total - step) / scalars["steps_per_s"] if scalars["steps_per_s"] > 0 else float("inf")
+    losses = " ".join(f"{k.replace('loss_', '')} {scalars[k]:.4f}" for k in LOSS_KEYS if k in scalars)
+    return (f"step {step}/{total} ep {epoch} | {scalars['samples_per_s']:.1f} samples/s | "
+            f"data {100 * scalars['data_wait_frac']:.1f}% | ETA {format_eta(eta)} | {losses} | "
+            f"lr {scalars['lr']:.3g} alpha {scalars['alpha']:.3f}")
+
+
+class MetricsLog:
+    """Rank-0 CSV + TensorBoard scalars, one row per logging window."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = log_dir / CSV_NAME
+        self._truncate_after(resume_step)
+        self.tb = SummaryWriter(str(log_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+        self.fieldnames: list[str] | None = None
+        if self.csv_path.is_file() and self.csv_path.stat().st_size:
+            with self.csv_path.open() as f:
+                self.fieldnames = next(csv.reader(f), None)
+
+    def _truncate_after(self, resume_step: int | None) -> None:
+        if not self.csv_path.is_file():
+            return
+        if resume_step is None:
+            self.csv_path.unlink()
+            return
+        with self.csv_path.open() as f:
+            rows = list(csv.DictReader(f))
+            fields = rows[0].keys() if rows else None
+        if fields is None:
+            return
+        keep = [r for r in rows if int(r["step"]) <= resume_step]
+        with self.csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(fields))
+            writer.writeheader()
+            writer.writerows(keep)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        row = {"step": step, **scalars}
+        if self.fieldnames is None:
+            self.fieldnames = list(row)
+            with self.csv_path.open("w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
+        with self.csv_path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
+        for key, value in scalars.items():
+            if key != "epoch":
+                self.tb.add_scalar(f"train/{key}", value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+class StepRecords:
+    """Per-rank JSON lines: one start event per launch, then one record per step."""
+
+    def __init__(self, log_dir: Path, rank: int):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = log_dir / f"records_rank{rank}.jsonl"
+        self._file = self.path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=_jsonable) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All JSON lines of a records file (for tests and tools)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,273 @@
+"""Retrieval annotation files (Karpathy splits, the reference's JSON format) as datasets.
+
+Train files: a list of `{"image": path, "caption": str, "image_id": any}`, one
+entry per caption. Val/test files: a list of `{"image": path, "caption": [str, ...]}`,
+one entry per image. Paths are relative to an image root (absolute paths are
+kept as they are).
+
+Bad entries never vanish silently. Every problem becomes a report
+`{"file", "entry", "image", "reason", "detail"}` in `dataset.problems`:
+- train: a malformed entry, an empty caption or a missing image file is left
+  out (reported); an `image_id` shared by two different files, or one file
+  under two ids, is reported and resolved by giving each image FILE its own
+  `idx` (what the idx-aware losses need: captions of the same picture are
+  positives, different pictures are not); an image that fails to decode while
+  training is replaced by the next loadable entry and returned in the batch's
+  `load_failures`, so the batch size (and the queue arithmetic) stays fixed.
+- eval: each entry is one image slot, whatever its state, so queries keep
+  their places. A missing/undecodable image makes that slot unusable
+  (`image_ok` False), an empty caption makes that text unusable (`text_ok`
+  False); a second entry for an image already listed hands its captions to the
+  first entry and is itself unusable. The metric function then counts every
+  unusable query as a miss and lists it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pipeline.captions import pre_caption
+from pipeline.tokenize import text_batch
+from pipeline.transforms import ImageTransform
+
+MISSING_IMAGE = "missing image file"
+UNREADABLE_IMAGE = "unreadable image"
+EMPTY_CAPTION = "empty caption"
+MALFORMED = "malformed entry"
+DUPLICATE_IMAGE = "duplicate image entry"
+ID_CONFLICT = "image_id names two image files"
+IMAGE_TWO_IDS = "image file listed under two image_ids"
+
+
+def read_annotation_file(path: str | Path) -> list:
+    """Load one annotation JSON list; a file that is not one fails with its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"annotation file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, list):
+        raise ValueError(f"annotation file {path} must hold a JSON list of entries, "
+                         f"found {type(data).__name__}")
+    return data
+
+
+def _problem(file, entry, image, reason, detail=""):
+    return {"file": str(file), "entry": entry, "image": image, "reason": reason, "detail": detail}
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode fully (so truncation is caught here, not later in a transform)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class RetrievalTrainDataset(Dataset):
+    """Map-style (image, caption, idx) pairs for retrieval fine-tuning.
+
+    `idx` is a dense image number (0..n_images-1) shared by all captions of one
+    image file; it drives the idx-aware ITC targets and ITM negatives.
+    Augmentation draws from a `random.Random` seeded by (seed, epoch, index), so
+    a sample is augmented the same way whichever worker or rank loads it.
+    """
+
+    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: str | Path,
+                 transform: ImageTransform, max_words: int = 30, max_load_retries: int = 10,
+                 seed: int = 0):
+        files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
+        self.image_root = str(image_root)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.max_words = max_words
+        self.max_load_retries = max_load_retries
+        self.problems: list[dict] = []
+        self.entries: list[tuple[str, str, int]] = []   # (path, caption, idx)
+        self.idx_of_file: dict[str, int] = {}
+        file_of_id: dict = {}
+        id_of_file: dict = {}
+        for file in files:
+            for n, ann in enumerate(read_annotation_file(file)):
+                if not (isinstance(ann, dict) and isinstance(ann.get("image"), str)
+                        and isinstance(ann.get("caption"), str) and "image_id" in ann):
+                    self.problems.append(_problem(file, n, ann.get("image") if isinstance(ann, dict) else None,
+                                                  MALFORMED, "needs string 'image', string 'caption' and 'image_id'"))
+                    continue
+                image, image_id = ann["image"], ann["image_id"]
+                caption = pre_caption(ann["caption"], max_words)
+                if not caption.strip():
+                    self.problems.append(_problem(file, n, image, EMPTY_CAPTION, repr(ann["caption"])))
+                    continue
+                path = os.path.join(self.image_root, image)
+                if path not in self.idx_of_file and not os.path.isfile(path):
+                    self.problems.append(_problem(file, n, image, MISSING_IMAGE, path))
+                    continue
+                key = _hashable(image_id)
+                if file_of_id.setdefault(key, path) != path:
+                    self.problems.append(_problem(file, n, image, ID_CONFLICT,
+                                                  f"image_id {image_id!r} also names {file_of_id[key]}; "
+                                                  f"kept as separate images"))
+                if id_of_file.setdefault(path, key) != key:
+                    self.problems.append(_problem(file, n, image, IMAGE_TWO_IDS,
+                                                  f"image_id {image_id!r} and {id_of_file[path]!r}; "
+                                                  f"treated as one image"))
+                idx = self.idx_of_file.setdefault(path, len(self.idx_of_file))
+                self.entries.append((path, caption, idx))
+        if not self.entries:
+            raise ValueError(f"no usable entries in {', '.join(map(str, files))}; "
+                             f"problems: {Counter(p['reason'] for p in self.problems)}")
+
+    @property
+    def n_images(self) -> int:
+        return len(self.idx_of_file)
+
+    def set_epoch(self, epoch: int) -> None:
+        """New augmentation draws each epoch (call before iterating, as a sampler's set_epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        failures = []
+        for attempt in range(self.max_load_retries + 1):
+            i = (index + attempt) % len(self.entries)
+            path, caption, idx = self.entries[i]
+            rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
+            try:
+                image = self.transform(load_rgb(path), rng)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                failures.append({"entry": i, "image": path, "reason": UNREADABLE_IMAGE,
+                                 "detail": f"{type(err).__name__}: {err}"})
+                continue
+            return {"image": image, "caption": caption, "idx": idx, "index": i, "load_failures": failures}
+        raise RuntimeError(f"{len(failures)} consecutive images failed to load from entry {index} "
+                           f"(setting max_load_retries={self.max_load_retries}): {failures[-1]}")
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+class RetrievalEvalDataset(Dataset):
+    """One image slot per annotation entry plus the flat caption list, as the reference.
+
+    Attributes: `images` (paths, None when absent), `texts` (cleaned captions),
+    `txt2img` [n_texts], `img2txt` [n_images][...], `image_ok`, `text_ok`,
+    `problems`. Items are images: `{"image": tensor or None, "index", "error"}`.
+    """
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, transform: ImageTransform,
+                 max_words: int = 30):
+        self.ann_file = str(ann_file)
+        self.image_root = str(image_root)
+        self.transform = transform
+        self.images: list[str | None] = []
+        self.texts: list[str] = []
+        self.txt2img: list[int] = []
+        self.img2txt: list[list[int]] = []
+        self.image_ok: list[bool] = []
+        self.text_ok: list[bool] = []
+        self.problems: list[dict] = []
+        first_slot: dict[str, int] = {}
+        for n, ann in enumerate(read_annotation_file(ann_file)):
+            image = ann.get("image") if isinstance(ann, dict) else None
+            captions = ann.get("caption") if isinstance(ann, dict) else None
+            if isinstance(captions, str):
+                captions = [captions]
+            ok = True
+            if not isinstance(image, str) or not isinstance(captions, list):
+                self.problems.append(_problem(ann_file, n, image, MALFORMED,
+                                              "needs string 'image' and a list 'caption'"))
+                ok = False
+                image = image if isinstance(image, str) else None
+                captions = captions if isinstance(captions, list) else []
+            path = os.path.join(self.image_root, image) if image is not None else None
+            owner = n
+            if ok and path in first_slot:
+                owner = first_slot[path]
+                self.problems.append(_problem(ann_file, n, image, DUPLICATE_IMAGE,
+                                              f"same image as entry {owner}; its captions go to entry {owner}"))
+                ok = False
+            elif ok and not os.path.isfile(path):
+                self.problems.append(_problem(ann_file, n, image, MISSING_IMAGE, path))
+                ok = False
+            elif ok:
+                first_slot[path] = n
+            self.images.append(path)
+            self.image_ok.append(ok)
+            self.img2txt.append([])
+            for c, raw in enumerate(captions):
+                text = pre_caption(raw, max_words) if isinstance(raw, str) else ""
+                good = bool(text.strip())
+                if not good:
+                    self.problems.append(_problem(ann_file, n, image, EMPTY_CAPTION,
+                                                  f"caption {c}: {raw!r}"))
+                t = len(self.texts)
+                self.texts.append(text)
+                self.text_ok.append(good)
+                self.txt2img.append(owner)
+                self.img2txt[owner].append(t)
+            if not captions:
+                self.problems.append(_problem(ann_file, n, image, EMPTY_CAPTION, "no captions"))
+
+    def mark_unreadable(self, index: int, error: str) -> None:
+        """Record an image that failed to decode during feature extraction."""
+        self.image_ok[index] = False
+        self.problems.append(_problem(self.ann_file, index, self.images[index], UNREADABLE_IMAGE, error))
+
+    def problem_counts(self) -> dict:
+        return dict(Counter(p["reason"] for p in self.problems))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        if not self.image_ok[index]:
+            return {"image": None, "index": index, "error": None}
+        try:
+            image = self.transform(load_rgb(self.images[index]), random.Random(index))
+            return {"image": image, "index": index, "error": None}
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return {"image": None, "index": index, "error": f"{type(err).__name__}: {err}"}
+
+
+def collate_eval_images(batch: Iterable[dict]) -> dict:
+    """Stack the loaded images; carry the indices of those that failed with their errors."""
+    batch = list(batch)
+    good = [b for b in batch if b["image"] is not None]
+    return {
+        "image": torch.stack([b["image"] for b in good]) if good else None,
+        "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
+        "failed": [(b["index"], b["error"]) for b in batch if b["error"] is not None],
+    }
+
+
+class TrainCollate:
+    """Batch train items: stack images, tokenise captions, keep idx and load failures."""
+
+    def __init__(self, tokenizer, max_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+
+    def __call__(self, batch: Sequence[dict]) -> dict:
+        ids, mask = text_batch(self.tokenizer, [b["caption"] for b in batch], self.max_tokens)
+        return {
+            "image": torch.stack([b["image"] for b in batch]),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "idx": torch.tensor([b["idx"] for b in batch], dtype=torch.long),
+            "load_failures": [f for b in batch for f in b["load_failures"]],
+        }
+
