@@ -4,13 +4,14 @@ images from files with the same transforms, in one run, printed as JSON.
 
     python benchmarks/loader.py [--images 512] [--side 384] [--res 256] [--batch 64] [--workers 0]
 
-Everything runs in this one process with one torch thread, so each figure is
-samples/s on one core. `breakdown_ms_per_sample` times the stages of the
+Everything runs in this one process with one torch and one OpenCV thread,
+timed in process CPU time, so each figure is samples/s on one core. `breakdown_ms_per_sample` times the stages of the
 sample path separately on the same images (tar reading, decode, crop+resize,
 flip+RandAugment, batch normalisation, tokenisation), which is what the gap
 between the loader and the decode-only ceiling is made of. `--workers N`
-adds the loader with N DataLoader worker processes (whole-machine figure;
-on a shared machine it measures the machine as much as the loader).
+adds the loader with N DataLoader worker processes (wall-clock samples/s of
+the whole machine; on a shared machine it measures the machine as much as
+the loader).
 
 Images are photo-like JPEGs (gradients under noise, quality 90), 384 pixels
 on the short side as the download stage stores them, wider ones up to 4:3.
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -95,18 +97,18 @@ class FileDataset(Dataset):
         return self.transform(image, random.Random(i)), pre_caption(self.captions[i])
 
 
-def best_rate(samples: int, run, repeats: int) -> float:
-    """Samples per second of the fastest of `repeats` runs."""
-    best = float("inf")
+def fastest_seconds(cases: dict[str, callable], repeats: int, clock=time.process_time) -> dict[str, float]:
+    """Fastest of `repeats` timings per case, the cases interleaved round by round so that
+    other load on a shared machine spreads over all of them alike. The default clock is
+    this process's CPU time: samples per CPU-second is samples/s per core, and time spent
+    waiting for a core that another process holds does not count."""
+    best = {name: float("inf") for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return samples / best
-
-
-def best_ms_per_sample(samples: int, run, repeats: int) -> float:
-    return 1000.0 / best_rate(samples, run, repeats)
+        for name, run in cases.items():
+            start = clock()
+            run()
+            best[name] = min(best[name], clock() - start)
+    return best
 
 
 def main() -> None:
@@ -116,11 +118,12 @@ def main() -> None:
     parser.add_argument("--res", type=int, default=256, help="training resolution")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=25)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="also run the loader with this many workers")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -129,12 +132,12 @@ def main() -> None:
         tokenizer = load_tokenizer(str(REPO / VOCAB))
         transform = ImageTransform(args.res, train=True)
         n = args.images
+        rng = random.Random(args.seed)
+        size = (args.res, args.res)
+        per_shard = -(-n // SHARDS)
 
         def decode_all():
             return [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
-
-        decoded = decode_all()
-        rate_decode = best_rate(n, decode_all, args.repeats)
 
         def map_style():
             loader = DataLoader(FileDataset(files, captions, transform), batch_size=args.batch, shuffle=True,
@@ -144,30 +147,24 @@ def main() -> None:
             for _ in loader:
                 pass
 
-        rate_map = best_rate(n - n % args.batch, map_style, args.repeats)
-
         def shard_loader(workers: int):
             loader = ShardLoader(spec, tokenizer, batch_size=args.batch, num_workers=workers,
                                  seed=args.seed, image_res=args.res, max_tokens=args.max_tokens)
-            return lambda: [None for _ in loader]
+            return loader, lambda: [None for _ in loader]
 
-        rate_loader = best_rate(ShardLoader(spec, tokenizer, batch_size=args.batch, image_res=args.res)
-                                .samples_per_epoch, shard_loader(0), args.repeats)
+        loader, run_loader = shard_loader(0)
 
-        # the stages of the loader's sample path, on the same images
-        rng = random.Random(args.seed)
-        size = (args.res, args.res)
-
+        # the stages of the loader's sample path, separately, on the same images
         def read_tars():
             for k in range(SHARDS):
-                for _ in read_segment(f"{folder}/{k:05d}.tar", 0, -(-n // SHARDS) if k < SHARDS - 1
-                                      else n - (SHARDS - 1) * -(-n // SHARDS)):
+                for _ in read_segment(f"{folder}/{k:05d}.tar", 0, min(per_shard, n - k * per_shard)):
                     pass
 
+        decoded = decode_all()
+
         def crop_resize():
-            return [img.resize(size, Image.Resampling.BICUBIC,
-                               box=_box(random_resized_crop_box(img.width, img.height,
-                                                                transform.augment.crop_scale, rng)))
+            return [img.crop(_box(random_resized_crop_box(img.width, img.height, transform.augment.crop_scale,
+                                                          rng))).resize(size, Image.Resampling.BICUBIC)
                     for img in decoded]
 
         crops = crop_resize()
@@ -176,41 +173,46 @@ def main() -> None:
             for img in crops:
                 if rng.random() < transform.augment.flip_p:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                rand_augment(img, transform.augment, rng)
+                rand_augment(np.asarray(img), transform.augment, rng)
 
-        breakdown = {
-            "tar_read": best_ms_per_sample(n, read_tars, args.repeats),
-            "decode": 1000.0 / rate_decode,
-            "crop_resize_bicubic": best_ms_per_sample(n, crop_resize, args.repeats),
-            "flip_randaugment": best_ms_per_sample(n, augment, args.repeats),
-            "to_array_stack_normalize": best_ms_per_sample(
-                n, lambda: [normalize_batch(torch.from_numpy(np.stack([np.asarray(c) for c in crops[i:i + args.batch]])))
-                            for i in range(0, n, args.batch)], args.repeats),
-            "caption_clean_tokenize": best_ms_per_sample(
-                n, lambda: text_batch(tokenizer, [pre_caption(c) for c in captions], args.max_tokens),
-                args.repeats),
-        }
+        def normalize():
+            for i in range(0, n, args.batch):
+                normalize_batch([np.asarray(c) for c in crops[i:i + args.batch]])
+
+        def text():
+            text_batch(tokenizer, [pre_caption(c) for c in captions], args.max_tokens)
+
+        samples = {"decode_only": n, "map_style_files_same_transforms": n - n % args.batch,
+                   "shard_loader_full_path": loader.samples_per_epoch}
+        seconds = fastest_seconds({"decode_only": decode_all, "map_style_files_same_transforms": map_style,
+                                   "shard_loader_full_path": run_loader, "tar_read": read_tars,
+                                   "crop_resize_bicubic": crop_resize, "flip_randaugment": augment,
+                                   "to_tensor_normalize": normalize, "caption_clean_tokenize": text},
+                                  args.repeats)
+        rates = {name: samples[name] / seconds[name] for name in samples}
+        breakdown = {name: 1000.0 * seconds[name] / n for name in
+                     ("tar_read", "crop_resize_bicubic", "flip_randaugment", "to_tensor_normalize",
+                      "caption_clean_tokenize")}
+        breakdown = {"tar_read": breakdown.pop("tar_read"), "decode": 1000.0 / rates["decode_only"], **breakdown}
         breakdown["sum_of_stages"] = sum(breakdown.values())
+        loader_ms = 1000.0 / rates["shard_loader_full_path"]
+        breakdown["loader_overhead_beyond_stages"] = loader_ms - breakdown["sum_of_stages"]
 
         result = {
             "settings": {"images": n, "stored_short_side": args.side, "res": args.res, "batch": args.batch,
                          "mean_jpeg_kb": round(sum(map(len, jpegs)) / n / 1024, 1),
-                         "torch_threads": torch.get_num_threads()},
-            "samples_per_s_per_core": {
-                "decode_only": round(rate_decode, 1),
-                "map_style_files_same_transforms": round(rate_map, 1),
-                "shard_loader_full_path": round(rate_loader, 1),
-            },
-            "loader_vs_decode_only": round(rate_loader / rate_decode, 3),
-            "loader_vs_map_style": round(rate_loader / rate_map, 3),
+                         "torch_threads": torch.get_num_threads(), "repeats": args.repeats},
+            "samples_per_s_per_core": {name: round(rate, 1) for name, rate in rates.items()},
+            "loader_vs_decode_only": round(rates["shard_loader_full_path"] / rates["decode_only"], 3),
+            "loader_vs_map_style": round(rates["shard_loader_full_path"]
+                                         / rates["map_style_files_same_transforms"], 3),
             "breakdown_ms_per_sample": {k: round(v, 3) for k, v in breakdown.items()},
-            "loader_ms_per_sample": round(1000.0 / rate_loader, 3),
+            "loader_ms_per_sample": round(loader_ms, 3),
         }
         if args.workers:
-            loader = ShardLoader(spec, tokenizer, batch_size=args.batch, num_workers=args.workers,
-                                 image_res=args.res)
-            result[f"shard_loader_{args.workers}_workers_samples_per_s"] = round(
-                best_rate(loader.samples_per_epoch, shard_loader(args.workers), args.repeats), 1)
+            multi, run_multi = shard_loader(args.workers)
+            wall = fastest_seconds({"multi": run_multi}, args.repeats, clock=time.perf_counter)["multi"]
+            result[f"shard_loader_{args.workers}_workers_samples_per_s_wall"] = round(multi.samples_per_epoch / wall, 1)
         print(json.dumps(result, indent=2))
 
 

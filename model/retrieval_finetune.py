@@ -59,7 +59,7 @@ class RetrievalFinetuner:
         from model.retrieval import eval_dataset, load_retrieval_config
         from model.retrieval_weights import load_retrieval_weights, retrieval_model_config
         from model.schedule import LRSchedule
-        from model.train import param_groups, scalar_params_as_vectors, seed_everything
+        from model.train import param_groups, seed_everything, vectorise_scalar_params
         from pipeline.annotations import RetrievalTrainDataset, TrainCollate
         from pipeline.tokenize import load_tokenizer
         from pipeline.transforms import AugmentConfig, ImageTransform
@@ -121,9 +121,9 @@ class RetrievalFinetuner:
         optimizer = torch.optim.AdamW(param_groups(model.trainable_parameters(), tcfg["weight_decay"]),
                                       lr=tcfg["lr"], betas=tuple(tcfg["betas"]), eps=tcfg["eps"])
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-        with scalar_params_as_vectors(model, self.zero_stage):
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                        lr_scheduler=lr_scheduler, config=ds_cfg)
+        self.scalar_params = vectorise_scalar_params(model)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    lr_scheduler=lr_scheduler, config=ds_cfg)
         self.module = self.engine.module
         self.module.sync_buffers()
         if self.rank == 0:
@@ -235,7 +235,8 @@ class RetrievalFinetuner:
             improved = best is None or score > best
             if improved:
                 best = score
-                export_engine(self.engine, self.cfg, step, epoch, self.out_dir / "export", self.zero_stage)
+                export_engine(self.engine, self.cfg, step, epoch, self.out_dir / "export", self.zero_stage,
+                              self.scalar_params)
             if self.rank == 0:
                 with epochs_log.open("a") as f:
                     f.write(json.dumps({"epoch": epoch, "step": step, "train": train_stats,

@@ -69,7 +69,11 @@ def _deepspeed_state(tag_dir: Path) -> dict:
     src_cfg["vision"]["init"] = None
     src_cfg["text"]["init"] = None
     source = ALBEF(src_cfg)
-    source.load_state_dict(engine_state["module"], strict=True)
+    module_state = dict(engine_state["module"])
+    for name, p in source.named_parameters():
+        if p.dim() == 0 and name in module_state:  # the trainer gives 0-d parameters shape [1] for DeepSpeed
+            module_state[name] = module_state[name].reshape(())
+    source.load_state_dict(module_state, strict=True)
     return {"model": export_albef_state_dict(source)}
 
 

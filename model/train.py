@@ -37,6 +37,7 @@ from model.dist_env import apply_slurm_env
 
 LOSS_AND_METRIC_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "acc_itc", "acc_itm", "acc_mlm")
 QUEUE_BUFFERS = ("image_queue", "text_queue")
+DBG = []
 REQUIRED = {
     "train": ("lr", "warmup_lr", "warmup_steps", "min_lr", "weight_decay", "epochs", "alpha",
               "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps", "betas", "eps", "seed",
@@ -290,10 +291,13 @@ class Trainer:
             "global_batch": self.plan.global_batch, "resumed_from": self.resumed_from,
             "queue_checksum": queue_checksum(self.module), "momentum_checksum": momentum_checksum(self.module),
             "queue_ptr": int(self.module.queue.queue_ptr), "loader_state": self.loader.state_dict(),
-            "momentum_dtypes": sorted({str(p.dtype) for p in mparams}),
-            "queue_dtypes": sorted({str(getattr(self.module.queue, n).dtype) for n in QUEUE_BUFFERS}),
-            "momentum_partitioned": any(hasattr(p, "ds_tensor") for p in mparams),
+            "momentum_partitioned": any(hasattr(p, "ds_tensor") for p in mparams), **self._dtypes(),
         }
+
+    def _dtypes(self) -> dict:
+        """Storage dtypes of the momentum model (its partitions) and the queues: fp32 unless cast."""
+        return {"momentum_dtypes": sorted({str(local_tensor(p).dtype) for p in momentum_params(self.module)}),
+                "queue_dtypes": sorted({str(getattr(self.module.queue, n).dtype) for n in QUEUE_BUFFERS})}
 
     def train(self) -> int:
         from model.progress import progress_line
@@ -317,7 +321,11 @@ class Trainer:
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             try:
-                batch = next(batches)
+                # The DataLoader draws its base seed from torch's global generator when an epoch's
+                # iteration starts; isolating it keeps dropout's random stream independent of where
+                # a run (re)started its data iterator, so a resumed run repeats an uninterrupted one.
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(batches)
             except StopIteration:
                 self.epoch += 1
                 self.loader.set_epoch(self.epoch)
@@ -334,6 +342,7 @@ class Trainer:
             self.engine.step()
             self.micro_step += 1
             fingerprint += batch_fingerprint(input_ids)
+            import hashlib; DBG.append((float(image.double().sum()), hashlib.md5(torch.get_rng_state().numpy().tobytes()).hexdigest()[:8], hashlib.md5(self.generator.get_state().numpy().tobytes()).hexdigest()[:8], float(out["loss"])))
             for key in LOSS_AND_METRIC_KEYS:
                 if key in out:
                     step_sums[key] = step_sums.get(key, 0.0) + float(out[key].detach()) / accum
@@ -345,13 +354,14 @@ class Trainer:
                 "step": self.step, "micro_step": self.micro_step, "epoch": self.epoch, "rank": self.rank,
                 "lr": lr, "alpha": alpha, **step_sums, "batch_fingerprint": fingerprint,
                 "queue_checksum": queue_checksum(self.module), "queue_ptr": int(self.module.queue.queue_ptr),
-                "momentum_checksum": momentum_checksum(self.module),
+                "momentum_checksum": momentum_checksum(self.module), **self._dtypes(), "dbg": list(DBG),
             })
             for key, value in step_sums.items():
                 window[key] = window.get(key, 0.0) + value
             window["n"] = window.get("n", 0.0) + 1
             window.update(lr=lr, alpha=alpha)
             step_sums, fingerprint = {}, 0
+            DBG.clear()
             last = self.step == self.total_steps
             if self.step % tcfg["log_every"] == 0 or last:
                 self._log(window, progress_line)

@@ -55,7 +55,7 @@ import yaml  # noqa: E402
 
 from pipeline.manifest import (  # noqa: E402
     PLAN_NAME, SHARD_SUFFIX, STAGING_DIR, STATS_SUFFIX, atomic_write_json,
-    shard_name, temporary_name, write_manifest,
+    planned_rows, read_stats, shard_name, temporary_name, write_manifest,
 )
 from pipeline.sources import ADAPTERS, SourceRows, is_web_url  # noqa: E402
 
@@ -157,27 +157,28 @@ def stage(source: str, input_path: Path, output: Path, settings: dict,
                            row_group_size=per_shard)
         batch.clear()
 
-    with pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
-        for row in rows:
-            kinds[MODE_DOWNLOAD if is_web_url(row[0]) else MODE_PACK] += 1
-            batch.append(row)
-            accepted += 1
-            if len(batch) == per_shard:
+    try:
+        with pq.ParquetWriter(tmp, ROW_SCHEMA) as writer:
+            for row in rows:
+                kinds[MODE_DOWNLOAD if is_web_url(row[0]) else MODE_PACK] += 1
+                batch.append(row)
+                accepted += 1
+                if len(batch) == per_shard:
+                    flush(writer)
+            if batch or accepted == 0:
                 flush(writer)
-        if batch or accepted == 0:
-            flush(writer)
-    if len(kinds) > 1:
-        tmp.unlink()
-        raise DownloadError(f"{input_path} mixes {kinds[MODE_DOWNLOAD]} URLs and {kinds[MODE_PACK]} "
-                            f"file paths; split it into one list of each")
-    os.replace(tmp, rows_file)
+        if len(kinds) > 1:
+            raise DownloadError(f"{input_path} mixes {kinds[MODE_DOWNLOAD]} URLs and "
+                                f"{kinds[MODE_PACK]} file paths; split it into one list of each")
+        os.replace(tmp, rows_file)
+    finally:
+        tmp.unlink(missing_ok=True)
     plan = dict(wanted)
     plan.update({
         "mode": next(iter(kinds), MODE_DOWNLOAD),
         "rows_read": rows.rows_read,
         "rows_accepted": accepted,
         "rejects": dict(rows.rejects),
-        "number_sample_per_shard": per_shard,
         "num_shards": math.ceil(accepted / per_shard),
     })
     atomic_write_json(plan_file, plan)
@@ -200,9 +201,9 @@ def _files(folder: Path, name: str) -> dict[str, Path]:
     return {kind: folder / f"{name}{kind}" for kind in (SHARD_SUFFIX, ".parquet", STATS_SUFFIX)}
 
 
-def _published(output: Path, name: str) -> bool:
-    files = _files(output, name)
-    return files[SHARD_SUFFIX].is_file() and files[STATS_SUFFIX].is_file()
+def _finished(folder: Path, name: str) -> bool:
+    files = _files(folder, name)
+    return files[SHARD_SUFFIX].is_file() and read_stats(files[STATS_SUFFIX]) is not None
 
 
 def prepare_work(output: Path, work: Path, names: list[str]) -> list[str]:
@@ -216,13 +217,13 @@ def prepare_work(output: Path, work: Path, names: list[str]) -> list[str]:
     todo = []
     for name in names:
         out, wrk = _files(output, name), _files(work, name)
-        if _published(output, name):
+        if _finished(output, name):
             if not wrk[STATS_SUFFIX].is_file():
                 shutil.copyfile(out[STATS_SUFFIX], wrk[STATS_SUFFIX])
             continue
-        out[STATS_SUFFIX].unlink(missing_ok=True)  # stats without a tar: not finished
-        if wrk[STATS_SUFFIX].is_file() and not wrk[SHARD_SUFFIX].is_file():
-            wrk[STATS_SUFFIX].unlink()
+        out[STATS_SUFFIX].unlink(missing_ok=True)  # stats without a tar, or cut short
+        if not _finished(work, name):
+            wrk[STATS_SUFFIX].unlink(missing_ok=True)
         todo.append(name)
     return todo
 
@@ -231,7 +232,7 @@ def publish(output: Path, work: Path, names: list[str]) -> None:
     """Move each finished shard from `work` to `output`; its stats arrive last."""
     for name in names:
         out, wrk = _files(output, name), _files(work, name)
-        if _published(output, name) or not (wrk[STATS_SUFFIX].is_file() and wrk[SHARD_SUFFIX].is_file()):
+        if _finished(output, name) or not _finished(work, name):
             continue
         for kind in (SHARD_SUFFIX, ".parquet"):
             if wrk[kind].is_file():
@@ -311,9 +312,7 @@ def run(source: str, input_path: Path, output: Path, settings: dict, slice_index
         todo = prepare_work(output, work, names)
     summary["already_finished"] = len(names) - len(todo)
     if todo:
-        per_shard = plan["number_sample_per_shard"]
-        summary["rows_fetched"] = sum(
-            min(per_shard, plan["rows_accepted"] - int(name) * per_shard) for name in todo)
+        summary["rows_fetched"] = sum(planned_rows(plan, int(name)) for name in todo)
         slice_file = write_slice_input(output, first, end)
         started = time.perf_counter()
         if plan["mode"] == MODE_PACK:
@@ -324,7 +323,7 @@ def run(source: str, input_path: Path, output: Path, settings: dict, slice_index
         summary["seconds"] = round(time.perf_counter() - started, 3)
         summary["rows_per_second"] = round(summary["rows_fetched"] / max(summary["seconds"], 1e-9), 1)
         publish(output, work, names)
-    unfinished = [n + SHARD_SUFFIX for n in names if not _published(output, n)]
+    unfinished = [n + SHARD_SUFFIX for n in names if not _finished(output, n)]
     summary["unfinished"] = unfinished
     manifest = write_manifest(output)
     summary["manifest"] = {k: manifest[k] for k in ("complete", "total_samples", "accounted")}
@@ -366,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, overrides)
         summary = run(args.source, args.input, args.output, settings, index, count,
                       args.image_root, args.stage_only)
-    except (DownloadError, FileNotFoundError, ValueError) as err:
+    except (DownloadError, OSError, ValueError) as err:
         print(f"pipeline.download: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary), flush=True)

@@ -26,6 +26,11 @@ rank, worker, position), planned in `pipeline.order`:
   counts by reason since its previous batch (`_bad`); the training process
   sums those of consumed batches into `stats()`.
 
+WebDataset provides the tar reading and the opener (`pipeline.shards`); its
+pipeline stages are not used, for the reasons of spec section 7: `with_epoch`
+counts per worker, its node splitting leaves ranks with unequal sample
+counts, it has no mid-epoch position, and `warn_and_continue` sleeps.
+
 Batches: `image` float [B, 3, res, res] (normalised), `input_ids` and
 `attention_mask` long [B, L], `idx` long [B] when every sample's json has an
 integer `image_id`, and `__key__` (list of B sample keys, for tracing).
@@ -40,7 +45,7 @@ import random
 from collections import Counter
 from typing import Iterator, Sequence
 
-import numpy as np
+import cv2
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -77,6 +82,8 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        if info is not None:
+            cv2.setNumThreads(1)  # a worker is one core's worth of work, like torch's in workers
         worker = ((info.id if info is not None else 0) + self.rotation) % self.loader.layout.workers
         yield from self.loader._worker_batches(self.epoch, worker, self.positions[worker])
 
@@ -91,7 +98,8 @@ class ShardLoader:
         batch_size: per-rank batch.
         rank, world_size: this rank and the number of ranks.
         num_workers: DataLoader worker processes (0: load in this process).
-        seed: base of every random draw (shard order, block shuffles, augmentation).
+        seed: base of every random draw (shard order, block shuffles, augmentation);
+            the SAME on every rank, since it fixes the global order the ranks split.
         train: pretraining transform and shuffling; False: test transform, stream order.
         image_res: output resolution.
         max_tokens: tokeniser truncation (25 pretraining, 30 retrieval).
@@ -111,7 +119,7 @@ class ShardLoader:
                  pin_memory: bool = False, prefetch_factor: int = 2):
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                  ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
-                                 ("max_tokens", max_tokens, 1), ("max_words", max_words, 1)):
+                                 ("max_tokens", max_tokens, 2), ("max_words", max_words, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         if not 0 <= rank < world_size:
@@ -287,9 +295,8 @@ class ShardLoader:
             yield batch
 
     def _collate(self, samples: list[Decoded]) -> dict:
-        pixels = torch.from_numpy(np.stack([s.pixels for s in samples]))
         input_ids, attention_mask = text_batch(self.tokenizer, [s.caption for s in samples], self.max_tokens)
-        batch = {"image": normalize_batch(pixels, self.augment.mean, self.augment.std),
+        batch = {"image": normalize_batch([s.pixels for s in samples], self.augment.mean, self.augment.std),
                  "input_ids": input_ids, "attention_mask": attention_mask,
                  "__key__": [s.key for s in samples]}
         if all(s.idx is not None for s in samples):

@@ -49,6 +49,7 @@ UNFINISHED = "unfinished_shard"
 UNRECORDED = "unrecorded"
 ERRORS_KEPT = 100
 REBUILD_ATTEMPTS = 5
+STATS_FIELDS = ("count", "successes", "failed_to_download", "failed_to_resize")
 
 # img2dataset's error messages (and pack's) -> reason; first match wins.
 REASON_PATTERNS: list[tuple[re.Pattern, str]] = [
@@ -88,8 +89,21 @@ def _read_json_file(path: Path):
         return json.load(file)
 
 
-def _planned_rows(plan: dict, shard_id: int) -> int:
-    per_shard = plan["number_sample_per_shard"]
+def read_stats(path: Path) -> dict | None:
+    """A shard's stats, or None when the file is cut short or lacks a field (shard unfinished)."""
+    try:
+        stats = _read_json_file(path)
+        if all(isinstance(stats.get(k), int) for k in STATS_FIELDS) and \
+                isinstance(stats.get("status_dict"), dict):
+            return stats
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def planned_rows(plan: dict, shard_id: int) -> int:
+    """Rows staged for shard `shard_id` of a download plan (the last shard may be short)."""
+    per_shard = plan["settings"]["number_sample_per_shard"]
     return min(per_shard, plan["rows_accepted"] - shard_id * per_shard)
 
 
@@ -115,12 +129,12 @@ def build_manifest(folder: str | Path) -> dict:
     errors: Counter = Counter()
     rows_finished = rows_unfinished = 0
     for k, name in enumerate(planned):
-        if name not in stats_of or name not in tars:
+        stats = read_stats(stats_of[name]) if name in stats_of and name in tars else None
+        if stats is None:
             unfinished.append(name + SHARD_SUFFIX)
             if plan is not None:
-                rows_unfinished += _planned_rows(plan, k)
+                rows_unfinished += planned_rows(plan, k)
             continue
-        stats = _read_json_file(stats_of[name])
         shards[name + SHARD_SUFFIX] = stats["successes"]
         rows_finished += stats["count"]
         outcomes["success"] += stats["successes"]

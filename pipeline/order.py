@@ -153,7 +153,7 @@ class ResampledPlan:
         probs = weights / means
         self.probs = probs / probs.sum()
         self.seed = seed
-        self.length = None
+        self.length = None  # endless: no range, no passes
 
     def _draws(self) -> Iterator[Shard]:
         rng = np.random.default_rng(self.seed)

@@ -75,7 +75,7 @@ class SampleDecoder:
         image, reason = self._image(raw.files)
         if reason:
             return None, reason
-        pixels = np.asarray(self.transform.geometry_and_colour(image, rng))
+        pixels = self.transform.pixels(image, rng)
         idx = meta.get("image_id")
         idx = idx if isinstance(idx, int) and not isinstance(idx, bool) else None
         return Decoded(raw.key, pixels, caption, idx), None

@@ -8,6 +8,7 @@ repository root, so configs can name `configs/tiny_vocab.txt`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -36,16 +37,38 @@ def read_vocab(path: Path) -> dict[str, int]:
     return vocab
 
 
-def load_tokenizer(name_or_path: str) -> BertTokenizerFast:
-    """Lower-casing BERT WordPiece tokenizer from a vocab file, a directory or a hub name."""
-    path = _resolve(name_or_path)
-    if path is not None and path.is_file():
-        return BertTokenizerFast(vocab=read_vocab(path), do_lower_case=True)
+def _hub_vocab_file(name: str) -> Path:
+    from huggingface_hub import hf_hub_download
     try:
-        return BertTokenizerFast.from_pretrained(str(path) if path is not None else name_or_path)
+        return Path(hf_hub_download(name, "vocab.txt"))
     except Exception as exc:
-        raise FileNotFoundError(f"tokenizer {name_or_path!r}: not a vocab file, not a tokenizer directory, "
-                                f"and not in the Hugging Face cache ({exc})") from exc
+        raise FileNotFoundError(f"tokenizer {name!r}: not a vocab file, not a tokenizer directory, and the "
+                                f"Hugging Face hub or its cache has no vocab.txt for it ({exc})") from exc
+
+
+def _from_vocab(vocab_file: Path) -> BertTokenizerFast:
+    config_file = vocab_file.parent / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return BertTokenizerFast(vocab=read_vocab(vocab_file), do_lower_case=config.get("do_lower_case", True))
+
+
+def load_tokenizer(name_or_path: str) -> BertTokenizerFast:
+    """BERT WordPiece tokenizer from a vocab file, a directory or a hub name.
+
+    Files are located explicitly: transformers' `from_pretrained` silently
+    falls back to a 5-token vocabulary when it finds nothing. Lower casing as
+    the tokenizer_config.json beside a vocab.txt says, else on (uncased BERT).
+    """
+    path = _resolve(name_or_path)
+    if path is None:
+        return _from_vocab(_hub_vocab_file(name_or_path))
+    if path.is_file():
+        return _from_vocab(path)
+    if (path / "tokenizer.json").is_file():
+        return BertTokenizerFast.from_pretrained(str(path))
+    if (path / "vocab.txt").is_file():
+        return _from_vocab(path / "vocab.txt")
+    raise FileNotFoundError(f"tokenizer directory {path} has neither tokenizer.json nor vocab.txt")
 
 
 def text_batch(tokenizer, captions: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

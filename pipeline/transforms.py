@@ -11,23 +11,26 @@ from a global generator: the loader seeds one per batch, so a resumed run
 augments each sample exactly as an uninterrupted one, and running in the
 training process (num_workers=0) leaves the trainer's RNG streams alone.
 
-RandomAugment is re-implemented on PIL's C operations. The reference wrote it
-with OpenCV "to match PIL"; the operations here are PIL's own (autocontrast,
-equalize, brightness and sharpness enhancers, affine warps), with the
-reference's level-to-magnitude mapping and its grey fill. One difference:
-the reference's sharpness cast overflowing values to uint8 (wrapping);
-PIL saturates, which is what the reference meant to reproduce.
+RandomAugment follows the reference's randaugment.py op for op: OpenCV
+affine warps (bilinear, grey fill) for shear/translate/rotate, lookup tables
+for brightness, autocontrast and equalize (PIL's formulas), a 3x3 smoothing
+blend for sharpness, and the same level-to-magnitude mapping. One
+difference: the reference cast sharpness results outside 0..255 straight to
+uint8 (wrapping around); they are clipped here, as PIL (which that code
+imitates) does.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 # CLIP normalisation (spec section 3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,6 +45,8 @@ MAX_SHEAR = 0.3  # shear coefficient at MAX_LEVEL
 MAX_TRANSLATE_PIXELS = 10  # absolute pixels in the reference (translate_const)
 MAX_ROTATE_DEGREES = 30
 FILL_RGB = (128, 128, 128)  # the reference's replace_value for uncovered pixels
+# PIL's SMOOTH filter, the "degenerate" image sharpness blends away from.
+SHARPNESS_KERNEL = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13
 
 # torchvision RandomResizedCrop defaults the reference kept.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -91,9 +96,16 @@ def _signed(magnitude: float, rng: random.Random) -> float:
     return -magnitude if rng.random() > 0.5 else magnitude
 
 
-def _affine(img: Image.Image, coeffs: tuple[float, ...]) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, coeffs,
-                         resample=Image.Resampling.BILINEAR, fillcolor=FILL_RGB)
+def _warp(img: np.ndarray, matrix) -> np.ndarray:
+    height, width = img.shape[:2]
+    return cv2.warpAffine(img, np.asarray(matrix, dtype=np.float32), (width, height),
+                          flags=cv2.INTER_LINEAR, borderValue=FILL_RGB)
+
+
+def _per_channel_lut(img: np.ndarray, table_of) -> np.ndarray:
+    """Apply a lookup table per channel; `table_of(channel_index)` gives that channel's 256 entries."""
+    tables = np.stack([table_of(c) for c in range(img.shape[2])], axis=-1)
+    return cv2.LUT(img, tables.reshape(256, 1, img.shape[2]))
 
 
 def _identity(img, level, rng):
@@ -101,11 +113,30 @@ def _identity(img, level, rng):
 
 
 def _autocontrast(img, level, rng):
-    return ImageOps.autocontrast(img)
+    extremes = [cv2.minMaxLoc(channel)[:2] for channel in cv2.split(img)]
+
+    def table(c):
+        low, high = int(extremes[c][0]), int(extremes[c][1])
+        if high <= low:
+            return np.arange(256, dtype=np.uint8)
+        scale = 255.0 / (high - low)
+        return (np.arange(256) * scale - low * scale).clip(0, 255).astype(np.uint8)
+
+    return _per_channel_lut(img, table)
 
 
 def _equalize(img, level, rng):
-    return ImageOps.equalize(img)
+    def table(c):
+        hist = cv2.calcHist([img], [c], None, [256], [0, 256]).reshape(-1)
+        step = np.sum(hist[hist != 0][:-1]) // 255
+        if step == 0:
+            return np.arange(256, dtype=np.uint8)
+        shifted = np.empty_like(hist)
+        shifted[0] = step // 2
+        shifted[1:] = hist[:-1]
+        return (np.cumsum(shifted) // step).clip(0, 255).astype(np.uint8)
+
+    return _per_channel_lut(img, table)
 
 
 def _enhance_factor(level: float) -> float:
@@ -113,40 +144,51 @@ def _enhance_factor(level: float) -> float:
 
 
 def _brightness(img, level, rng):
-    return ImageEnhance.Brightness(img).enhance(_enhance_factor(level))
+    table = (np.arange(256, dtype=np.float32) * _enhance_factor(level)).clip(0, 255).astype(np.uint8)
+    return cv2.LUT(img, table)
 
 
 def _sharpness(img, level, rng):
-    return ImageEnhance.Sharpness(img).enhance(_enhance_factor(level))
+    # degenerate + factor * (img - degenerate) on the interior; the border keeps img.
+    factor = _enhance_factor(level)
+    degenerate = cv2.filter2D(img, -1, SHARPNESS_KERNEL)[1:-1, 1:-1].astype(np.float32)
+    blend = img[1:-1, 1:-1].astype(np.float32)
+    np.subtract(blend, degenerate, out=blend)
+    blend *= factor
+    blend += degenerate
+    out = img.copy()
+    out[1:-1, 1:-1] = np.clip(blend, 0, 255, out=blend)
+    return out
 
 
 def _shear_x(img, level, rng):
     shear = _signed(MAX_SHEAR * level / RANDAUG_MAX_LEVEL, rng)
-    return _affine(img, (1.0, shear, 0.0, 0.0, 1.0, 0.0))
+    return _warp(img, [[1, shear, 0], [0, 1, 0]])
 
 
 def _shear_y(img, level, rng):
     shear = _signed(MAX_SHEAR * level / RANDAUG_MAX_LEVEL, rng)
-    return _affine(img, (1.0, 0.0, 0.0, shear, 1.0, 0.0))
+    return _warp(img, [[1, 0, 0], [shear, 1, 0]])
 
 
 def _translate_x(img, level, rng):
     offset = _signed(MAX_TRANSLATE_PIXELS * level / RANDAUG_MAX_LEVEL, rng)
-    return _affine(img, (1.0, 0.0, offset, 0.0, 1.0, 0.0))
+    return _warp(img, [[1, 0, -offset], [0, 1, 0]])
 
 
 def _translate_y(img, level, rng):
     offset = _signed(MAX_TRANSLATE_PIXELS * level / RANDAUG_MAX_LEVEL, rng)
-    return _affine(img, (1.0, 0.0, 0.0, 0.0, 1.0, offset))
+    return _warp(img, [[1, 0, 0], [0, 1, -offset]])
 
 
 def _rotate(img, level, rng):
-    # The reference draws the sign with `< 0.5` here (`> 0.5` elsewhere): same law.
+    # The reference draws this sign with `< 0.5` (`> 0.5` elsewhere): the same law.
     degrees = _signed(MAX_ROTATE_DEGREES * level / RANDAUG_MAX_LEVEL, rng)
-    return img.rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=FILL_RGB)
+    height, width = img.shape[:2]
+    return _warp(img, cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1))
 
 
-_OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
+_OPS: dict[str, Callable[[np.ndarray, float, random.Random], np.ndarray]] = {
     "identity": _identity,
     "autocontrast": _autocontrast,
     "equalize": _equalize,
@@ -160,8 +202,8 @@ _OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
 }
 
 
-def rand_augment(img: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image.Image:
-    """ALBEF's RandomAugment: N ops drawn with replacement, each applied with p."""
+def rand_augment(img: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
+    """ALBEF's RandomAugment on uint8 [H, W, 3]: N ops drawn with replacement, each applied with p."""
     ops = [rng.choice(cfg.randaug_ops) for _ in range(cfg.randaug_n)]
     for name in ops:
         if rng.random() > cfg.randaug_p:
@@ -197,10 +239,10 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 class ImageTransform:
     """Pretraining (`train=True`) or test transform for one decoded RGB image.
 
-    `geometry_and_colour` returns the augmented res x res PIL image; the
-    loader stacks those as uint8 and normalises the whole batch at once
-    (`normalize_batch`), which is numerically what per-sample ToTensor +
-    Normalize give. `__call__` is the per-sample form (float [3, res, res]).
+    `pixels` returns the augmented uint8 [res, res, 3] array; the loader
+    stacks those and normalises the whole batch at once (`normalize_batch`),
+    bit for bit what per-sample ToTensor + Normalize give. `__call__` is the
+    per-sample form (float [3, res, res]).
     """
 
     def __init__(self, image_res: int, train: bool, augment: AugmentConfig | None = None):
@@ -210,30 +252,38 @@ class ImageTransform:
         self.train = train
         self.augment = augment or AugmentConfig()
 
-    def geometry_and_colour(self, img: Image.Image, rng: random.Random) -> Image.Image:
+    def pixels(self, img: Image.Image, rng: random.Random) -> np.ndarray:
         size = (self.image_res, self.image_res)
         if not self.train:
-            return img.resize(size, Image.Resampling.BICUBIC)
+            return np.asarray(img.resize(size, Image.Resampling.BICUBIC))
         left, top, w, h = random_resized_crop_box(img.width, img.height, self.augment.crop_scale, rng)
-        img = img.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        # crop, then resize: torchvision's border handling (resize(box=) would filter across the crop edge)
+        img = img.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BICUBIC)
         if rng.random() < self.augment.flip_p:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return rand_augment(img, self.augment, rng)
+        return rand_augment(np.asarray(img), self.augment, rng)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        pixels = torch.from_numpy(np.asarray(self.geometry_and_colour(img, rng)).copy())
-        return normalize_batch(pixels.unsqueeze(0), self.augment.mean, self.augment.std)[0]
+        return normalize_batch([self.pixels(img, rng)], self.augment.mean, self.augment.std)[0]
 
 
-def normalize_batch(pixels: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W]: ToTensor's /255, then (x - mean) / std.
+def normalize_batch(images: Sequence[np.ndarray], mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 [H, W, 3] images -> float [B, 3, H, W]: ToTensor's /255, then (x - mean) / std.
 
-    One strided copy into a contiguous float batch, then in-place passes: the
-    same float32 operations as per-sample ToTensor + Normalize, bit for bit.
+    Each channel goes through a 256-entry lookup table holding those float32
+    operations' results for every possible byte, so the output is bit for bit
+    per-sample ToTensor + Normalize in a single pass per channel.
     """
-    batch, height, width, channels = pixels.shape
-    out = torch.empty((batch, channels, height, width), dtype=torch.float32)
-    out.copy_(pixels.permute(0, 3, 1, 2))
-    mean_t = torch.tensor(mean, dtype=out.dtype).view(1, channels, 1, 1)
-    std_t = torch.tensor(std, dtype=out.dtype).view(1, channels, 1, 1)
-    return out.div_(255.0).sub_(mean_t).div_(std_t)
+    tables = _normalize_tables(tuple(mean), tuple(std))
+    height, width, channels = images[0].shape
+    out = np.empty((len(images), channels, height, width), dtype=np.float32)
+    for i, image in enumerate(images):
+        for c, plane in enumerate(cv2.split(np.ascontiguousarray(image))):
+            cv2.LUT(plane, tables[c], dst=out[i, c])
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _normalize_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> list[np.ndarray]:
+    values = torch.arange(256, dtype=torch.float32).div_(255.0)
+    return [values.sub(m).div_(s).numpy().reshape(256, 1) for m, s in zip(mean, std)]

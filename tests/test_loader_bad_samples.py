@@ -9,14 +9,13 @@ import zlib
 
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from pipeline.loader import ShardLoader
 from pipeline.samples import SampleDecoder
 from pipeline.shards import RawSample, read_segment
 from pipeline.tokenize import load_tokenizer
 from pipeline.transforms import ImageTransform
-from tests.fixtures.shards import good_sample, jpeg_bytes, write_manifest_file, write_tar
+from tests.fixtures.shards import good_sample, jpeg_bytes, write_manifest_file, write_shards, write_tar
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -117,7 +116,7 @@ def damaged_shards(tmp_path):
 
     write_tar(tmp_path / "00000.tar", goods("a", 10))
     mixed = []
-    for i, (reason, files) in enumerate(_bad_samples(rng).items()):
+    for i, files in enumerate(_bad_samples(rng).values()):
         mixed += goods(f"b{i}", 1 if i % 2 else 2)
         mixed.append({"__key__": f"bad{i}", **files})
     mixed += goods("b_end", 1)
@@ -129,7 +128,8 @@ def damaged_shards(tmp_path):
     (tmp_path / "00004.tar").write_bytes(b"this is not a tar file" * 50)
     n_good_before_last = len(good_keys)
     write_tar(tmp_path / "00005.tar", goods("d", 40 - n_good_before_last))
-    counts.update({"00000.tar": 10, "00002.tar": 6, "00003.tar": 2, "00004.tar": 2, "00005.tar": 40 - n_good_before_last})
+    counts.update({"00000.tar": 10, "00002.tar": 6, "00003.tar": 2, "00004.tar": 2,
+                   "00005.tar": 40 - n_good_before_last})
     write_manifest_file(tmp_path, counts)  # 00003.tar is listed but missing
     expected = {"missing_image": 1, "empty_image": 1, "corrupt_image": 2, "image_too_large": 1,
                 "missing_caption": 1, "empty_caption": 1, "bad_text_encoding": 1, "bad_metadata": 1,
@@ -139,7 +139,8 @@ def damaged_shards(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_loader_skips_and_counts_every_bad_input_without_sleeping(damaged_shards, tiny_shards_vocab, monkeypatch):
+def test_loader_skips_and_counts_every_bad_input_without_sleeping(damaged_shards, tiny_shards_vocab, monkeypatch,
+                                                                  caplog):
     spec, good_keys, expected = damaged_shards
 
     def no_sleep(seconds):
@@ -153,6 +154,8 @@ def test_loader_skips_and_counts_every_bad_input_without_sleeping(damaged_shards
     keys = [k for batch in loader for k in batch["__key__"]]
     assert keys == good_keys
     assert loader.stats() == {"good": 40, "bad": expected, "repeated": 0}
+    reported = caplog.text
+    assert "00003.tar could not be opened" in reported and "00002.tar is damaged after 3 samples" in reported
 
 
 def _two_shards_second_missing(folder, good_second: int):
@@ -184,3 +187,16 @@ def test_a_range_with_no_good_sample_fails_instead_of_hanging(tmp_path, tiny_sha
                          train=False, image_res=32, num_workers=1)
     with pytest.raises(RuntimeError, match="bad samples in a row"):
         list(loader)
+
+
+@pytest.mark.timeout(60)
+def test_worker_counts_reach_stats(tmp_path, tiny_shards_vocab):
+    """Counts made inside DataLoader worker processes arrive in the training process's stats()."""
+    write_shards(tmp_path, (6, 6, 6, 6), seed=2)
+    write_manifest_file(tmp_path, {"00000.tar": 6, "00001.tar": 6, "00002.tar": 6, "00003.tar": 6, "00004.tar": 4})
+    # 28 listed, batch 4: 7 batches, workers' quotas 4 + 3; in stream order worker 1 reads
+    # samples 16-27: 8 good, 4 missing, then wraps for 4 more good ones
+    loader = ShardLoader(f"{tmp_path}/{{00000..00004}}.tar", load_tokenizer(tiny_shards_vocab), batch_size=4,
+                         num_workers=2, train=False, image_res=32)
+    assert sum(len(b["__key__"]) for b in loader) == 28
+    assert loader.stats() == {"good": 28, "bad": {"shard_unreadable": 4}, "repeated": 4}

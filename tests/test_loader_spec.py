@@ -13,7 +13,8 @@ from tests.fixtures.shards import SHARD_SIZES
     ("/data/cc3m/{00000..00331}.tar", [("/data/cc3m/{00000..00331}.tar", None)]),
     ("/data/cc3m/{00000..00331}.tar:0.5::s3://bucket/sbu/{00000..00099}.tar:1.5",
      [("/data/cc3m/{00000..00331}.tar", 0.5), ("s3://bucket/sbu/{00000..00099}.tar", 1.5)]),
-    ("https://host:8080/a/{0..3}.tar::gs://b/c.tar", [("https://host:8080/a/{0..3}.tar", None), ("gs://b/c.tar", None)]),
+    ("https://host:8080/a/{0..3}.tar::gs://b/c.tar",
+     [("https://host:8080/a/{0..3}.tar", None), ("gs://b/c.tar", None)]),
     ("http://[::1]:8000/x/{0..1}.tar:2", [("http://[::1]:8000/x/{0..1}.tar", 2.0)]),
     (["a.tar:1", "b.tar:1::c.tar:3e-1"], [("a.tar", 1.0), ("b.tar", 1.0), ("c.tar", 0.3)]),
 ])

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as T
 
 from pipeline.captions import pre_caption
@@ -40,15 +40,14 @@ def test_test_transform_equals_torchvision_resize_totensor_normalize():
     reference = T.Compose([T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC),
                            T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])(img)
     ours = ImageTransform(32, train=False)(img, random.Random(0))
-    assert ours.shape == (3, 32, 32)
-    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+    assert ours.shape == (3, 32, 32) and torch.equal(ours, reference)
 
 
 def test_normalize_batch_equals_per_sample_totensor_normalize():
     imgs = [_photo(16, 16, seed=s) for s in range(3)]
-    batch = normalize_batch(torch.from_numpy(np.stack([np.asarray(i) for i in imgs])))
+    batch = normalize_batch([np.asarray(i) for i in imgs])
     reference = torch.stack([T.Normalize(CLIP_MEAN, CLIP_STD)(T.ToTensor()(i)) for i in imgs])
-    torch.testing.assert_close(batch, reference, atol=1e-6, rtol=0)
+    assert batch.shape == (3, 3, 16, 16) and torch.equal(batch, reference)
 
 
 def test_random_resized_crop_box_follows_scale_and_ratio():
@@ -64,6 +63,15 @@ def test_random_resized_crop_box_follows_scale_and_ratio():
     assert random_resized_crop_box(1000, 10, (0.2, 1.0), random.Random(0)) == (493, 0, 13, 10)
 
 
+def test_train_crop_is_torchvision_resized_crop_of_the_drawn_box():
+    img = _photo(120, 90)
+    plain = AugmentConfig(flip_p=0.0, randaug_n=0)
+    ours = ImageTransform(32, train=True, augment=plain)(img, random.Random(3))
+    left, top, w, h = random_resized_crop_box(120, 90, plain.crop_scale, random.Random(3))
+    crop = T.functional.resized_crop(img, top, left, h, w, [32, 32], T.InterpolationMode.BICUBIC)
+    assert torch.equal(ours, T.Normalize(CLIP_MEAN, CLIP_STD)(T.ToTensor()(crop)))
+
+
 def test_train_transform_is_a_function_of_the_rng():
     img = _photo()
     transform = ImageTransform(32, train=True)
@@ -72,26 +80,41 @@ def test_train_transform_is_a_function_of_the_rng():
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_randaugment_magnitudes_are_the_references_at_m7():
-    img = _photo(64, 64)
-    one = AugmentConfig(randaug_n=1, randaug_p=1.0, randaug_ops=("brightness",))
-    expected = ImageEnhance.Brightness(img).enhance(0.1 + 1.8 * 0.7)
-    assert np.array_equal(np.asarray(rand_augment(img, one, random.Random(0))), np.asarray(expected))
-    rotate = AugmentConfig(randaug_n=1, randaug_p=1.0, randaug_ops=("rotate",))
-    out = np.asarray(rand_augment(img, rotate, random.Random(0)))
+def _only(op: str) -> AugmentConfig:
+    return AugmentConfig(randaug_n=1, randaug_p=1.0, randaug_ops=(op,))
+
+
+def test_randaugment_ops_at_m7_match_the_reference_definitions():
+    img = np.asarray(_photo(64, 48))
+    factor = 0.1 + 1.8 * 0.7  # enhance level 7 of 10
+    brightness = rand_augment(img, _only("brightness"), random.Random(0))
+    assert np.array_equal(brightness, np.clip(img.astype(np.float32) * factor, 0, 255).astype(np.uint8))
+    # PIL's autocontrast / equalize are what the reference's tables reproduce
+    for op, pil in (("autocontrast", ImageOps.autocontrast), ("equalize", ImageOps.equalize)):
+        ours = rand_augment(img, _only(op), random.Random(0))
+        assert np.abs(ours.astype(int) - np.asarray(pil(Image.fromarray(img))).astype(int)).max() <= 1, op
+    # sharpness: PIL's result in the interior (the reference differs from PIL on the border only)
+    ours = rand_augment(img, _only("sharpness"), random.Random(0))
+    pil = np.asarray(ImageEnhance.Sharpness(Image.fromarray(img)).enhance(factor))
+    assert np.abs(ours[1:-1, 1:-1].astype(int) - pil[1:-1, 1:-1].astype(int)).max() <= 1
+    out = rand_augment(img, _only("rotate"), random.Random(0))
     assert tuple(out[0, 0]) == FILL_RGB  # a corner uncovered by a 21 degree rotation
-    translate = AugmentConfig(randaug_n=1, randaug_p=1.0, randaug_ops=("translate_x",))
-    out = np.asarray(rand_augment(img, translate, random.Random(0)))
-    filled_columns = np.all(out == FILL_RGB, axis=(0, 2)).sum()
-    assert filled_columns == 7  # 10 px * 7/10
+    out = rand_augment(img, _only("translate_x"), random.Random(0))
+    assert np.all(out == FILL_RGB, axis=(0, 2)).sum() == 7  # 10 px * 7/10
+    if np.all(out[:, :7] == FILL_RGB):
+        assert np.array_equal(out[:, 7:], img[:, :-7])
+    else:
+        assert np.array_equal(out[:, :-7], img[:, 7:])
+    out = rand_augment(img, _only("shear_x"), random.Random(0))
+    assert np.array_equal(out[0], img[0])  # x' = x + 0.21 y leaves the top row in place
+    assert np.all(out[-1, :9] == FILL_RGB) or np.all(out[-1, -9:] == FILL_RGB)  # 0.21 * 47 = 9.9 px
 
 
 def test_randaugment_applies_each_drawn_op_with_probability_half():
-    img = _photo(32, 32)
+    img = np.asarray(_photo(32, 32))
     cfg = AugmentConfig(randaug_n=1, randaug_ops=("brightness",))
     rng = random.Random(0)
-    changed = sum(not np.array_equal(np.asarray(rand_augment(img, cfg, rng)), np.asarray(img))
-                  for _ in range(400))
+    changed = sum(not np.array_equal(rand_augment(img, cfg, rng), img) for _ in range(400))
     assert 160 < changed < 240
 
 

@@ -309,14 +309,16 @@ def test_init_weights_of_another_width_fail_naming_the_setting(tiny_model_cfg, h
 
 @pytest.mark.timeout(120)
 def test_tiny_model_overfits_a_fixed_batch(tiny_albef, tiny_batch):
+    """Without distillation (alpha 0): with it, the slowly moving teacher's soft targets put a
+    floor under ITC and MLM that 100 steps do not reach (the teacher's entropy)."""
     model = tiny_albef
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     losses = []
     for _ in range(100):
-        out = model(*_inputs(tiny_batch), alpha=0.4, generator=torch.Generator().manual_seed(0))
+        out = model(*_inputs(tiny_batch), alpha=0.0, generator=torch.Generator().manual_seed(0))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         losses.append(out["loss"].item())
     start, end = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert end < 0.4 * start, (start, end)
+    assert end < 0.25 * start, (start, end)
