@@ -11,7 +11,7 @@ copies and the feature queues. A training forward (module in train mode):
 5. MLM on masked text, distilled from the momentum model (not in retrieval mode);
 6. enqueue the momentum features (all-gathered across ranks).
 
-In eval mode the same losses are computed without steps 2's EMA and 6.
+In eval mode the same losses are computed, without the EMA step and the enqueue.
 The random draws use `generator` when given, in this order: a negative image
 for each text, a negative text for each image, then the MLM masking.
 

@@ -38,7 +38,9 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
 class FeatureQueue(nn.Module):
     def __init__(self, dim: int, size: int, with_idx: bool, global_batch_size: int | None = None):
         super().__init__()
-        if global_batch_size is not None and (global_batch_size <= 0 or size % global_batch_size):
+        if global_batch_size is not None and global_batch_size <= 0:
+            raise ValueError(f"global batch size {global_batch_size} must be positive")
+        if global_batch_size is not None and size % global_batch_size:
             raise ValueError(f"model.queue_size={size} is not divisible by the global batch size "
                              f"{global_batch_size} (batch per rank x ranks); the reference requires it")
         self.size = size

@@ -37,7 +37,6 @@ from model.dist_env import apply_slurm_env
 
 LOSS_AND_METRIC_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "acc_itc", "acc_itm", "acc_mlm")
 QUEUE_BUFFERS = ("image_queue", "text_queue")
-DBG = []
 REQUIRED = {
     "train": ("lr", "warmup_lr", "warmup_steps", "min_lr", "weight_decay", "epochs", "alpha",
               "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps", "betas", "eps", "seed",
@@ -162,6 +161,7 @@ class Trainer:
         from model.checkpointing import CheckpointManager
         from model.config import load_config, save_config
         from model.engine_config import BatchPlan, load_ds_config, resolve_ds_config, zero_stage
+        from model.preemption import StopRequest
         from model.progress import MetricsLog, StepRecords, Throughput
         from model.schedule import LRSchedule
 
@@ -171,6 +171,10 @@ class Trainer:
         shards = cfg["data"]["shards"]
         cfg["data"]["shards"] = [expand_env(s) for s in shards] if isinstance(shards, list) else expand_env(shards)
         tcfg = cfg["train"]
+        self.out_dir = Path(args.output_dir or tcfg["output_dir"])
+        # Installed first: a stop request that arrives during start-up is served after the first step.
+        self.stop = StopRequest(Path(args.stop_file) if args.stop_file else self.out_dir / "stop_requested",
+                                tuple(tcfg["stop_signals"]))
         self.use_cuda = torch.cuda.is_available()
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
         if self.use_cuda:
@@ -180,7 +184,6 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", local_rank) if self.use_cuda else torch.device("cpu")
 
-        self.out_dir = Path(args.output_dir or tcfg["output_dir"])
         self.plan = BatchPlan(micro_batch=tcfg["batch_size_per_rank"],
                               grad_accum=tcfg["gradient_accumulation_steps"],
                               world_size=self.world, queue_size=cfg["model"]["queue_size"])
@@ -227,10 +230,6 @@ class Trainer:
         self.records = StepRecords(log_dir, self.rank)
         self.metrics = MetricsLog(log_dir, self.step if self.resumed_from else None) if self.rank == 0 else None
         self.throughput = Throughput()
-        from model.preemption import StopRequest
-
-        self.stop = StopRequest(Path(args.stop_file) if args.stop_file else self.out_dir / "stop_requested",
-                                tuple(tcfg["stop_signals"]))
 
     def _build_model(self):
         from model.albef import ALBEF, text_settings_from_tokenizer
@@ -252,9 +251,12 @@ class Trainer:
                            shuffle_buffer=dcfg["shuffle_buffer"], pin_memory=self.use_cuda)
 
     def _maybe_resume(self) -> str | None:
-        from model.checkpointing import restore_rng
+        from model.checkpointing import complete_tags, restore_rng
 
         path = self.ckpt.resolve(self.args.resume)
+        if self.args.resume is None and complete_tags(self.ckpt.dir):
+            raise ValueError(f"{self.ckpt.dir} already holds checkpoints: pass --resume auto to continue that run, "
+                             f"or choose another --output-dir to start a new one")
         if path is None:
             self.loader.set_epoch(0)
             return None
@@ -316,7 +318,7 @@ class Trainer:
         self.throughput.reset()
         window: dict[str, float] = {}
         step_sums: dict[str, float] = {}
-        fingerprint = 0
+        fingerprint, image_sum = 0, 0.0
         stopped = False
         while self.step < self.total_steps:
             t0 = time.perf_counter()
@@ -342,7 +344,7 @@ class Trainer:
             self.engine.step()
             self.micro_step += 1
             fingerprint += batch_fingerprint(input_ids)
-            import hashlib; DBG.append((float(image.double().sum()), hashlib.md5(torch.get_rng_state().numpy().tobytes()).hexdigest()[:8], hashlib.md5(self.generator.get_state().numpy().tobytes()).hexdigest()[:8], float(out["loss"])))
+            image_sum += float(image.sum(dtype=torch.float64))
             for key in LOSS_AND_METRIC_KEYS:
                 if key in out:
                     step_sums[key] = step_sums.get(key, 0.0) + float(out[key].detach()) / accum
@@ -353,15 +355,15 @@ class Trainer:
             self.records.write({
                 "step": self.step, "micro_step": self.micro_step, "epoch": self.epoch, "rank": self.rank,
                 "lr": lr, "alpha": alpha, **step_sums, "batch_fingerprint": fingerprint,
+                "image_checksum": image_sum,
                 "queue_checksum": queue_checksum(self.module), "queue_ptr": int(self.module.queue.queue_ptr),
-                "momentum_checksum": momentum_checksum(self.module), **self._dtypes(), "dbg": list(DBG),
+                "momentum_checksum": momentum_checksum(self.module), **self._dtypes(),
             })
             for key, value in step_sums.items():
                 window[key] = window.get(key, 0.0) + value
             window["n"] = window.get("n", 0.0) + 1
             window.update(lr=lr, alpha=alpha)
-            step_sums, fingerprint = {}, 0
-            DBG.clear()
+            step_sums, fingerprint, image_sum = {}, 0, 0.0
             last = self.step == self.total_steps
             if self.step % tcfg["log_every"] == 0 or last:
                 self._log(window, progress_line)

@@ -56,7 +56,6 @@ _GOPEN_NATIVE = ("file", "local")
 class Shard:
     url: str
     samples: int
-    source: int  # index of the spec source it came from
 
 
 @dataclass
@@ -161,7 +160,7 @@ def resolve_sources(spec: str | Sequence[str]) -> list[Source]:
     register_fsspec_opener()
     sources = [Source(p, w) for p, w in split_spec(spec)]
     manifests: dict[str, dict | None] = {}
-    for index, source in enumerate(sources):
+    for source in sources:
         for url in expand_pattern(source.pattern):
             count = _shard_count(url, manifests)
             if count is None:
@@ -169,7 +168,7 @@ def resolve_sources(spec: str | Sequence[str]) -> list[Source]:
                 continue
             if count == 0:
                 continue
-            source.shards.append(Shard(url, count, index))
+            source.shards.append(Shard(url, count))
     empty = [s.pattern for s in sources if not s.shards]
     if len(empty) == len(sources):
         raise ValueError(f"shard spec {spec!r} matches no shard with samples")

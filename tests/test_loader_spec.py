@@ -1,4 +1,6 @@
 """Shard specs: syntax, URLs through fsspec, clear failures."""
+import random
+
 import fsspec
 import pytest
 from webdataset.gopen import gopen_schemes
@@ -6,7 +8,7 @@ from webdataset.gopen import gopen_schemes
 from pipeline.loader import ShardLoader
 from pipeline.shards import expand_pattern, resolve_sources, split_spec
 from pipeline.tokenize import load_tokenizer
-from tests.fixtures.shards import SHARD_SIZES
+from tests.fixtures.shards import SHARD_SIZES, good_sample, write_tar
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -62,3 +64,12 @@ def test_fsspec_urls_memory_and_file(tiny_shards, tiny_shards_vocab):
     finally:
         memory.rm("/tiny_shards", recursive=True)
     assert _epoch_keys(f"file://{tiny_shards.spec}", tokenizer) == local
+
+
+def test_shards_without_a_manifest_are_counted_by_reading_them(tmp_path, caplog):
+    rng = random.Random(0)
+    for shard, size in enumerate((4, 2)):
+        write_tar(tmp_path / f"{shard:05d}.tar", [good_sample(f"{shard}-{i}", rng) for i in range(size)])
+    sources = resolve_sources(f"{tmp_path}/{{00000..00001}}.tar")
+    assert [s.samples for s in sources[0].shards] == [4, 2]
+    assert "counting its samples by reading it" in caplog.text
