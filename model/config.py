@@ -1,7 +1,8 @@
 """Run configuration: YAML files with `model`, `data`, `train` sections.
 
-A file may name a parent with `inherit: other.yaml` (relative to itself); the
-child is deep-merged over the parent. Command-line overrides are dotted
+A file may name a parent with `inherit: other.yaml` (relative to itself), or
+several (`inherit: [a.yaml, b.yaml]`, merged in that order); the child is
+deep-merged over its parents. Command-line overrides are dotted
 `key=value` pairs whose values are parsed as YAML (`train.lr=3e-4`,
 `data.shards=[a,b]`). The resolved dict is what a run records in its folder.
 """
@@ -51,10 +52,11 @@ def _read(path: Path, seen: tuple[Path, ...]) -> dict:
     data = parse_yaml(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a mapping at the top level")
-    parent = data.pop("inherit", None)
-    if parent is None:
-        return data
-    return deep_merge(_read(path.parent / parent, seen + (path,)), data)
+    parents = data.pop("inherit", None) or []
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = deep_merge(merged, _read(path.parent / parent, seen + (path,)))
+    return deep_merge(merged, data)
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:

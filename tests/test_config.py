@@ -26,3 +26,10 @@ def test_bad_overrides_and_loops_are_refused(tmp_path):
         load_config(tmp_path / "x.yaml")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_several_parents_merge_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {x: 1, y: 1}\n")
+    (tmp_path / "b.yaml").write_text("model: {y: 2, z: 2}\n")
+    (tmp_path / "c.yaml").write_text("inherit: [a.yaml, b.yaml]\nmodel: {z: 3}\n")
+    assert load_config(tmp_path / "c.yaml")["model"] == {"x": 1, "y": 2, "z": 3}
