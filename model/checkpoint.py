@@ -56,12 +56,12 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _refuse(source: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
-    if not (missing or unexpected or shapes):
+def _refuse(source: str, missing: list[str], unexpected: list[str], conflicts: list[str]) -> None:
+    if not (missing or unexpected or conflicts):
         return
     parts = [f"{source} does not fit the model:"]
     for title, keys in (("missing (no known reason)", missing), ("unexpected (no known reason)", unexpected),
-                        ("shape mismatch", shapes)):
+                        ("shape mismatch or conflict", conflicts)):
         if keys:
             parts.append(f"  {title}: {len(keys)}: " + ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else ""))
     raise CheckpointMismatchError("\n".join(parts))
@@ -274,7 +274,7 @@ def load_albef_state_dict(model: "ALBEF", state: dict) -> LoadReport:
     aliases = _tied_aliases(model)
     report = LoadReport(source)
     mapped: dict[str, torch.Tensor] = {}
-    unexplained_unexpected, shape_errors = [], []
+    unexplained_unexpected, conflicts = [], []
 
     for key, value in sd.items():
         target, reason = _albef_key_to_ours(key, k)
@@ -294,14 +294,14 @@ def load_albef_state_dict(model: "ALBEF", state: dict) -> LoadReport:
             continue
         if target in mapped:  # tied duplicates: decoder.bias / predictions.bias
             if not _same(mapped[target], value):
-                shape_errors.append(f"{key} differs from the tensor it is tied to")
+                conflicts.append(f"{key} differs from the tensor it is tied to")
             continue
         mapped[target] = value
 
     # tied weights: one value for all names of a shared Parameter
     for alias, first in aliases.items():
         if alias in mapped and first in mapped and not _same(mapped[alias], mapped[first]):
-            shape_errors.append(f"{alias} differs from {first}, to which it is tied")
+            conflicts.append(f"{alias} differs from {first}, to which it is tied")
         elif alias in mapped:
             mapped.setdefault(first, mapped[alias])
         mapped.pop(alias, None)
@@ -324,13 +324,13 @@ def load_albef_state_dict(model: "ALBEF", state: dict) -> LoadReport:
                         f"queue of another size ({tuple(have)} vs model {tuple(want)}): fresh queues kept")
                     mapped.pop(q)
         else:
-            shape_errors.append(f"{key}: checkpoint {tuple(have)}, model {tuple(want)}")
+            conflicts.append(f"{key}: checkpoint {tuple(have)}, model {tuple(want)}")
 
     # missing
     wanted = [key for key in ours if key not in aliases]
     missing = [key for key in wanted if key not in mapped]
     momentum_keys = [key for key in wanted if key.startswith(_MOMENTUM_PREFIXES)]
-    no_momentum = bool(momentum_keys) and all(key in missing for key in momentum_keys)
+    no_momentum = bool(momentum_keys) and not any(key in mapped for key in momentum_keys)
     unexplained_missing = []
     for key in missing:
         if key == "queue.idx_queue" and "queue.image_queue" in mapped:
@@ -341,7 +341,7 @@ def load_albef_state_dict(model: "ALBEF", state: dict) -> LoadReport:
             report.missing[key] = "checkpoint has no momentum copies: copied from the online weights"
         else:
             unexplained_missing.append(key)
-    _refuse(source, unexplained_missing, unexplained_unexpected, shape_errors)
+    _refuse(source, unexplained_missing, unexplained_unexpected, conflicts)
 
     model.load_state_dict(mapped, strict=False)
     if no_momentum:
@@ -441,7 +441,7 @@ def load_hf_bert(text_encoder: "TextFusionEncoder", s: TextSettings, name_or_pat
     aliases = _tied_aliases(text_encoder)
     report = LoadReport(source)
     mapped: dict[str, torch.Tensor] = {}
-    unexplained_unexpected, shape_errors = [], []
+    unexplained_unexpected, conflicts = [], []
     for key, value in sd.items():
         if key == POSITION_IDS:
             report.unexpected[key] = "constant buffer (0..max_position-1), recomputed"
@@ -461,16 +461,16 @@ def load_hf_bert(text_encoder: "TextFusionEncoder", s: TextSettings, name_or_pat
                 unexplained_unexpected.append(key)
             continue
         if target in mapped and not _same(mapped[target], value):
-            shape_errors.append(f"{key} differs from the tensor it is tied to")
+            conflicts.append(f"{key} differs from the tensor it is tied to")
         mapped[target] = value
     for alias, first in aliases.items():
         if alias in mapped:
             if first in mapped and not _same(mapped[alias], mapped[first]):
-                shape_errors.append(f"{alias} (decoder) differs from {first}, to which it is tied")
+                conflicts.append(f"{alias} (decoder) differs from {first}, to which it is tied")
             mapped.pop(alias)
     for key, value in mapped.items():
         if value.shape != ours[key].shape:
-            shape_errors.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}")
+            conflicts.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}")
     has_head = any(key.startswith("mlm_head.") for key in mapped)
     unexplained_missing = []
     for key in ours:
@@ -482,7 +482,7 @@ def load_hf_bert(text_encoder: "TextFusionEncoder", s: TextSettings, name_or_pat
             report.missing[key] = "checkpoint has no MLM head (a BertModel save): head keeps its random init"
         else:
             unexplained_missing.append(key)
-    _refuse(source, unexplained_missing, unexplained_unexpected, shape_errors)
+    _refuse(source, unexplained_missing, unexplained_unexpected, conflicts)
     text_encoder.load_state_dict(mapped, strict=False)
     report.loaded = sorted(mapped)
     return report
@@ -522,18 +522,18 @@ def load_vit_weights(visual_encoder: "VisionEncoder", s: VisionSettings, name_or
         old = tuple(sd["pos_embed"].shape)
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], s.grid, visual_encoder.num_prefix_tokens)
         report.resized["pos_embed"] = f"{old} -> {tuple(sd['pos_embed'].shape)}"
-    unexplained_unexpected, shape_errors = [], []
+    unexplained_unexpected, conflicts = [], []
     for key in list(sd):
         if key in ours:
             if sd[key].shape != ours[key].shape:
-                shape_errors.append(f"{key}: checkpoint {tuple(sd[key].shape)}, model {tuple(ours[key].shape)}")
+                conflicts.append(f"{key}: checkpoint {tuple(sd[key].shape)}, model {tuple(ours[key].shape)}")
         elif key.startswith(("head.", "fc_norm.")):
             report.unexpected[key] = "classifier head, not part of ALBEF's image encoder"
             del sd[key]
         else:
             unexplained_unexpected.append(key)
     missing = [key for key in ours if key not in sd]
-    _refuse(source, missing, unexplained_unexpected, shape_errors)
+    _refuse(source, missing, unexplained_unexpected, conflicts)
     visual_encoder.load_state_dict(sd, strict=True)
     report.loaded = sorted(sd)
     return report

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,13 @@ class Throughput:
         }
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank so far: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def format_eta(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):
         return "?"
@@ -66,7 +74,7 @@ def progress_line(step: int, total: int, epoch: int, scalars: dict[str, float]) 
     losses = " ".join(f"{k.replace('loss_', '')} {scalars[k]:.4f}" for k in LOSS_KEYS if k in scalars)
     return (f"step {step}/{total} ep {epoch} | {scalars['samples_per_s']:.1f} samples/s | "
             f"data {100 * scalars['data_wait_frac']:.1f}% | ETA {format_eta(eta)} | {losses} | "
-            f"lr {scalars['lr']:.3g} alpha {scalars['alpha']:.3f}")
+            f"lr {scalars['lr']:.3g} alpha {scalars['alpha']:.3f} | mem {scalars['peak_mem_mb']:.0f} MB")
 
 
 class MetricsLog:

@@ -151,7 +151,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
                                split=args.split, k_test=cfg["eval"]["k_test"], world_size=world,
                                load_report=str(report))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
+        out.write_text(json.dumps(record) + "\n")
         if args.save_scores:
             np.savez_compressed(out.with_suffix(".npz"), i2t=scores[0], t2i=scores[1])
         print(str(report))

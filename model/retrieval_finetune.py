@@ -20,7 +20,9 @@
   test; the epoch with the best val `r_mean` (test when there is no val file)
   is exported in the released layout to `<out>/export/albef.pth`, with its
   test result JSON beside it. Per-epoch results: `<out>/logs/epochs.jsonl`;
-  losses: `<out>/logs/metrics.csv` and TensorBoard.
+  losses: `<out>/logs/metrics.csv` and TensorBoard; annotation problems:
+  `<out>/logs/train_problems.json`; images that failed to decode while
+  training (each replaced by the next entry): `<out>/logs/load_failures_rank{R}.jsonl`.
 
 Helpers shared with pretraining come from `model/train.py` (optimiser groups,
 seeding, DeepSpeed start-up workaround), `model/engine_config.py`,
@@ -126,6 +128,7 @@ class RetrievalFinetuner:
                                                     lr_scheduler=lr_scheduler, config=ds_cfg)
         self.module = self.engine.module
         self.module.sync_buffers()
+        self.failure_log = self.out_dir / "logs" / f"load_failures_rank{self.rank}.jsonl"
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -151,7 +154,11 @@ class RetrievalFinetuner:
         t_wait = time.perf_counter()
         for batch in self.loader:
             throughput.add_wait(time.perf_counter() - t_wait)
-            load_failures += len(batch["load_failures"])
+            if batch["load_failures"]:
+                load_failures += len(batch["load_failures"])
+                with self.failure_log.open("a") as f:
+                    for failure in batch["load_failures"]:
+                        f.write(json.dumps({"epoch": epoch, **failure}) + "\n")
             alpha = alpha_at(micro_step, self.batches_per_epoch, tcfg["alpha"])
             out = self.engine(batch["image"].to(self.device, non_blocking=True),
                               batch["input_ids"].to(self.device, non_blocking=True),
@@ -163,7 +170,7 @@ class RetrievalFinetuner:
             self.engine.step()
             micro_step += 1
             for key in LOSS_KEYS:
-                value = float(out[key])
+                value = float(out[key].detach())
                 sums[key] = sums.get(key, 0.0) + value
                 window[key] = window.get(key, 0.0) + value
             window["n"] = window.get("n", 0.0) + 1
@@ -201,7 +208,7 @@ class RetrievalFinetuner:
         records = {}
         for split, dataset in self.eval_sets.items():
             result, timings, _ = run_evaluation(self.module, dataset, self.tokenizer, self.cfg, self.device)
-            records[split] = result_record(result, dataset, timings, checkpoint=self.source,
+            records[split] = result_record(result, dataset, timings, init_checkpoint=self.source,
                                            config=self.config_name, split=split, epoch=epoch,
                                            k_test=self.cfg["eval"]["k_test"], world_size=self.world)
             if self.rank == 0:
@@ -220,7 +227,7 @@ class RetrievalFinetuner:
             if problems:
                 print(f"[finetune] train annotation problems: {len(problems)} entries left out or "
                       f"merged (see logs/train_problems.json)", flush=True)
-            (self.out_dir / "logs" / "train_problems.json").write_text(json.dumps(problems, indent=1))
+            (self.out_dir / "logs" / "train_problems.json").write_text(json.dumps(problems))
             print(f"[finetune] {len(self.train_set)} pairs / {self.train_set.n_images} images; world "
                   f"{self.world} x micro batch {self.plan.micro_batch} x accum {self.plan.grad_accum}; "
                   f"{self.batches_per_epoch} batches/rank/epoch; {self.total_steps} steps; "
@@ -245,7 +252,7 @@ class RetrievalFinetuner:
                 if improved:
                     for split, record in records.items():
                         path = self.out_dir / "export" / f"{Path(EXPORT_NAME).stem}.{self.config_name}_{split}.json"
-                        path.write_text(json.dumps(record, indent=1) + "\n")
+                        path.write_text(json.dumps(record) + "\n")
         if self.rank == 0:
             metrics_log.close()
             print(f"[finetune] done: best {select_split} r_mean {best:.2f}; "

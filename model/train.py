@@ -302,7 +302,7 @@ class Trainer:
                 "queue_dtypes": sorted({str(getattr(self.module.queue, n).dtype) for n in QUEUE_BUFFERS})}
 
     def train(self) -> int:
-        from model.progress import progress_line
+        from model.progress import peak_memory_mb, progress_line
         from model.schedule import alpha_at
 
         tcfg = self.cfg["train"]
@@ -318,7 +318,7 @@ class Trainer:
         self.throughput.reset()
         window: dict[str, float] = {}
         step_sums: dict[str, float] = {}
-        fingerprint, image_sum = 0, 0.0
+        fingerprint, image_sum, wait_s = 0, 0.0, 0.0
         stopped = False
         while self.step < self.total_steps:
             t0 = time.perf_counter()
@@ -333,6 +333,7 @@ class Trainer:
                 self.loader.set_epoch(self.epoch)
                 batches = iter(self.loader)
                 continue
+            wait_s += time.perf_counter() - t0
             self.throughput.add_wait(time.perf_counter() - t0)
             image = batch["image"].to(self.device, non_blocking=True)
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
@@ -358,12 +359,13 @@ class Trainer:
                 "image_checksum": image_sum,
                 "queue_checksum": queue_checksum(self.module), "queue_ptr": int(self.module.queue.queue_ptr),
                 "momentum_checksum": momentum_checksum(self.module), **self._dtypes(),
+                "peak_mem_mb": peak_memory_mb(self.device), "data_wait_s": wait_s,
             })
             for key, value in step_sums.items():
                 window[key] = window.get(key, 0.0) + value
             window["n"] = window.get("n", 0.0) + 1
             window.update(lr=lr, alpha=alpha)
-            step_sums, fingerprint, image_sum = {}, 0, 0.0
+            step_sums, fingerprint, image_sum, wait_s = {}, 0, 0.0, 0.0
             last = self.step == self.total_steps
             if self.step % tcfg["log_every"] == 0 or last:
                 self._log(window, progress_line)
@@ -395,7 +397,7 @@ class Trainer:
         dist.all_reduce(means)
         means /= self.world
         scalars = {**dict(zip(keys, means.tolist())), **self.throughput.summary(),
-                   "lr": lr, "alpha": alpha, "epoch": self.epoch}
+                   "lr": lr, "alpha": alpha, "epoch": self.epoch, "peak_mem_mb": peak_memory_mb(self.device)}
         self.throughput.reset()
         if self.rank == 0:
             print("[train] " + progress_line(self.step, self.total_steps, self.epoch, scalars), flush=True)

@@ -66,6 +66,11 @@ def _problem(file, entry, image, reason, detail=""):
     return {"file": str(file), "entry": entry, "image": image, "reason": reason, "detail": detail}
 
 
+def _hashable(value):
+    """An image_id usable as a dict key (ids are usually ints or strings; lists/dicts by content)."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode fully (so truncation is caught here, not later in a transform)."""
     with Image.open(path) as img:
@@ -90,7 +95,6 @@ class RetrievalTrainDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        self.max_words = max_words
         self.max_load_retries = max_load_retries
         self.problems: list[dict] = []
         self.entries: list[tuple[str, str, int]] = []   # (path, caption, idx)
@@ -155,9 +159,6 @@ class RetrievalTrainDataset(Dataset):
         raise RuntimeError(f"{len(failures)} consecutive images failed to load from entry {index} "
                            f"(setting max_load_retries={self.max_load_retries}): {failures[-1]}")
 
-
-def _hashable(value):
-    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
 
 
 class RetrievalEvalDataset(Dataset):

@@ -8,6 +8,8 @@ import torch
 from model.albef import ALBEF
 from model.losses import IGNORE_INDEX, mask_tokens, sample_negatives
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _unit(x):
     return x / x.pow(2).sum(-1, keepdim=True).sqrt()

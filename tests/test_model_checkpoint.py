@@ -13,6 +13,8 @@ from model.checkpoint import (CheckpointMismatchError, export_albef_state_dict, 
 from model.config import load_config
 from tests.fixtures.model import BASE_CONFIG
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def spec_albef_shapes(cfg: dict) -> dict[str, tuple]:
     """Key -> shape of a released pretraining checkpoint, written from the names in spec section 5."""
@@ -195,8 +197,9 @@ def test_resize_pos_embed_keeps_cls_and_constants():
 
 def test_unexplained_keys_and_shapes_are_refused(tiny_model_cfg):
     released = _spec_state_dict(tiny_model_cfg, seed=0)
+    extra = dict(released, **{"visual_encoder.blocks.7.norm1.weight": torch.ones(64)})
     with pytest.raises(CheckpointMismatchError, match=r"unexpected.*visual_encoder\.blocks\.7\.norm1\.weight"):
-        load_albef_state_dict(ALBEF(tiny_model_cfg), dict(released, **{"visual_encoder.blocks.7.norm1.weight": torch.ones(64)}))
+        load_albef_state_dict(ALBEF(tiny_model_cfg), extra)
     with pytest.raises(CheckpointMismatchError, match=r"missing.*itm_head\.weight"):
         load_albef_state_dict(ALBEF(tiny_model_cfg), {k: v for k, v in released.items() if k != "itm_head.weight"})
     wide = dict(released, **{"text_proj.weight": torch.zeros(32, 128)})
@@ -237,7 +240,8 @@ def test_local_hf_bert_loads_layer_by_layer(tiny_model_cfg, hf_bert_dir):
     }
     for key, ours in pairs.items():
         assert torch.equal(hf_sd[key], ours), key
-    assert torch.equal(model.text_encoder_m.text_layers[0].self_attn.query.weight, te.text_layers[0].self_attn.query.weight)
+    momentum_query = model.text_encoder_m.text_layers[0].self_attn.query.weight
+    assert torch.equal(momentum_query, te.text_layers[0].self_attn.query.weight)
 
     # numerically BERT: text layers == HF's hidden state after layer k; the MLM head == HF's
     hf = BertForMaskedLM.from_pretrained(hf_bert_dir).eval()

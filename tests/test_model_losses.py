@@ -6,6 +6,8 @@ import torch
 from model.losses import (IGNORE_INDEX, itc_loss, itc_positives, itm_loss, mask_tokens, mlm_loss,
                           sample_negatives)
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _unit(x):
     return x / x.pow(2).sum(-1, keepdim=True).sqrt()

@@ -127,7 +127,7 @@ class _EngineDouble:
 
 def _save(manager, step, fail=False):
     gen = torch.Generator()
-    manager.save(_EngineDouble(fail), step, {"epoch": 0}, capture_rng(gen), {"epoch": 0, "batches": step})
+    manager.save(_EngineDouble(fail), step, {"epoch": 0, "peak_mem_mb": 812.0}, capture_rng(gen), {"epoch": 0, "batches": step})
 
 
 def test_checkpoints_keep_last_k_and_latest(tmp_path):
@@ -198,13 +198,13 @@ def test_stop_request_by_file_and_signal(tmp_path):
 def _scalars(loss: float) -> dict:
     return {"loss": loss, "loss_itc": loss / 3, "loss_itm": loss / 3, "loss_mlm": loss / 3,
             "samples_per_s": 100.0, "steps_per_s": 2.0, "data_wait_frac": 0.05, "lr": 1e-4, "alpha": 0.4,
-            "epoch": 0}
+            "epoch": 0, "peak_mem_mb": 812.0}
 
 
 def test_progress_line_has_the_numbers():
     line = progress_line(120, 1000, 0, _scalars(4.5))
     for part in ("step 120/1000", "100.0 samples/s", "data 5.0%", "ETA 0:07:20", "loss 4.5000", "itc 1.5000",
-                 "lr 0.0001", "alpha 0.400"):
+                 "lr 0.0001", "alpha 0.400", "mem 812 MB"):
         assert part in line, (part, line)
 
 
