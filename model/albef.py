@@ -4,7 +4,8 @@
 `vision.init` / `text.init` weights when set), their frozen fp32 momentum
 copies and the feature queues. A training forward (module in train mode):
 
-1. clamp the temperature (no grad);
+1. clamp the temperature (no grad; pretraining only, as the reference, whose
+   retrieval model never clamps it);
 2. unimodal features; EMA step of the momentum copies; momentum features;
 3. ITC against batch + queue, targets distilled from the momentum model;
 4. ITM on the positive pairs and on hard negatives drawn from the ITC similarities;
@@ -172,8 +173,9 @@ class ALBEF(nn.Module):
         if s.retrieval != (idx is not None):
             raise ValueError("idx (image id per sample) must be given exactly when model.retrieval is true")
         bs = image.shape[0]
-        with torch.no_grad():
-            self.temp.clamp_(s.temp_min, s.temp_max)
+        if not s.retrieval:
+            with torch.no_grad():
+                self.temp.clamp_(s.temp_min, s.temp_max)
 
         image_tokens, image_feat = self.encode_image(image)
         text_tokens, text_feat = self.encode_text(input_ids, attention_mask)

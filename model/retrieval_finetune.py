@@ -139,7 +139,7 @@ class RetrievalFinetuner:
     # ------------------------------------------------------------------ training
 
     def _train_epoch(self, epoch: int, metrics_log, step: int, micro_step: int) -> tuple[dict, int, int]:
-        from model.progress import Throughput, progress_line
+        from model.progress import Throughput, peak_memory_mb, progress_line
         from model.schedule import alpha_at
 
         tcfg = self.cfg["train"]
@@ -179,7 +179,8 @@ class RetrievalFinetuner:
                 throughput.add_step(self.plan.global_batch)
                 if step % tcfg["log_every"] == 0 or step == self.total_steps:
                     scalars = self._mean_over_ranks(window)
-                    scalars.update(throughput.summary(), lr=lr, alpha=alpha, epoch=epoch)
+                    scalars.update(throughput.summary(), lr=lr, alpha=alpha, epoch=epoch,
+                                   peak_mem_mb=peak_memory_mb(self.device))
                     throughput.reset()
                     window = {}
                     if self.rank == 0:

@@ -29,11 +29,23 @@ if __package__ in (None, ""):
     # `deepspeed model/train.py` runs this file as a script: make the repo importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.albef import ALBEF, text_settings_from_tokenizer
+from model.checkpointing import CheckpointManager, capture_rng, complete_tags, restore_rng
+from model.config import load_config, save_config
 from model.dist_env import apply_slurm_env
+from model.engine_config import BatchPlan, load_ds_config, resolve_ds_config, zero_stage
+from model.export import export_engine
+from model.plot import plot_run
+from model.preemption import StopRequest
+from model.progress import MetricsLog, StepRecords, Throughput, peak_memory_mb, progress_line
+from model.schedule import LRSchedule, alpha_at
+from pipeline.loader import ShardLoader
+from pipeline.tokenize import load_tokenizer
 
 LOSS_AND_METRIC_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "acc_itc", "acc_itm", "acc_mlm")
 QUEUE_BUFFERS = ("image_queue", "text_queue")
@@ -154,17 +166,15 @@ def batch_fingerprint(input_ids: torch.Tensor) -> int:
 
 
 class Trainer:
+    """One pretraining run: built collectively on every rank, then `train()`."""
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the data loader is in (it owns the data position)."""
+        return self.loader.epoch
+
     def __init__(self, args: argparse.Namespace):
         apply_slurm_env()
-        import deepspeed
-
-        from model.checkpointing import CheckpointManager
-        from model.config import load_config, save_config
-        from model.engine_config import BatchPlan, load_ds_config, resolve_ds_config, zero_stage
-        from model.preemption import StopRequest
-        from model.progress import MetricsLog, StepRecords, Throughput
-        from model.schedule import LRSchedule
-
         self.args = args
         self.cfg = cfg = load_config(args.config, args.overrides)
         check_run_config(cfg)
@@ -219,7 +229,7 @@ class Trainer:
 
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", tcfg["keep_checkpoints"],
                                       self.rank, self.world)
-        self.step = self.micro_step = self.epoch = 0
+        self.step = self.micro_step = 0
         self.resumed_from = self._maybe_resume()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,17 +242,12 @@ class Trainer:
         self.throughput = Throughput()
 
     def _build_model(self):
-        from model.albef import ALBEF, text_settings_from_tokenizer
-        from pipeline.tokenize import load_tokenizer
-
         tokenizer = load_tokenizer(self.cfg["model"]["text"]["tokenizer"])
         self.cfg["model"]["text"].update(text_settings_from_tokenizer(tokenizer))
         model = ALBEF(self.cfg["model"], global_batch_size=self.plan.enqueue_batch)
         return tokenizer, model
 
     def _build_loader(self, tokenizer):
-        from pipeline.loader import ShardLoader
-
         dcfg, tcfg = self.cfg["data"], self.cfg["train"]
         return ShardLoader(dcfg["shards"], tokenizer, batch_size=self.plan.micro_batch, rank=self.rank,
                            world_size=self.world, num_workers=dcfg["num_workers"], seed=tcfg["seed"],
@@ -251,31 +256,24 @@ class Trainer:
                            shuffle_buffer=dcfg["shuffle_buffer"], pin_memory=self.use_cuda)
 
     def _maybe_resume(self) -> str | None:
-        from model.checkpointing import complete_tags, restore_rng
-
         path = self.ckpt.resolve(self.args.resume)
         if self.args.resume is None and complete_tags(self.ckpt.dir):
             raise ValueError(f"{self.ckpt.dir} already holds checkpoints: pass --resume auto to continue that run, "
                              f"or choose another --output-dir to start a new one")
         if path is None:
-            self.loader.set_epoch(0)
             return None
         extra, rank_state, loader_state = self.ckpt.load(self.engine, path)
         if extra["global_batch"] != self.plan.global_batch:
             raise ValueError(f"checkpoint {path} was trained with global batch {extra['global_batch']}, "
                              f"this run has {self.plan.global_batch}")
-        self.step, self.micro_step, self.epoch = extra["step"], extra["micro_step"], extra["epoch"]
+        self.step, self.micro_step = extra["step"], extra["micro_step"]
         for name, value in extra["queues"].items():
             getattr(self.module.queue, name).copy_(value)
         restore_rng(rank_state, self.generator)
-        self.loader.set_epoch(self.epoch)
         self.loader.load_state_dict(loader_state)
         return str(path)
 
     def _save(self) -> None:
-        from model.checkpointing import capture_rng
-        from model.schedule import alpha_at
-
         queues = {name: buf.detach().cpu().clone() for name, buf in self.module.queue.named_buffers()}
         extra = {
             "step": self.step, "micro_step": self.micro_step, "epoch": self.epoch,
@@ -302,9 +300,6 @@ class Trainer:
                 "queue_dtypes": sorted({str(getattr(self.module.queue, n).dtype) for n in QUEUE_BUFFERS})}
 
     def train(self) -> int:
-        from model.progress import peak_memory_mb, progress_line
-        from model.schedule import alpha_at
-
         tcfg = self.cfg["train"]
         accum = self.plan.grad_accum
         self.records.write(self._start_record())
@@ -328,9 +323,7 @@ class Trainer:
                 # a run (re)started its data iterator, so a resumed run repeats an uninterrupted one.
                 with torch.random.fork_rng(devices=[]):
                     batch = next(batches)
-            except StopIteration:
-                self.epoch += 1
-                self.loader.set_epoch(self.epoch)
+            except StopIteration:  # epoch done: the loader's next iteration is the next epoch
                 batches = iter(self.loader)
                 continue
             wait_s += time.perf_counter() - t0
@@ -355,7 +348,7 @@ class Trainer:
             self.throughput.add_step(self.plan.global_batch)
             self.records.write({
                 "step": self.step, "micro_step": self.micro_step, "epoch": self.epoch, "rank": self.rank,
-                "lr": lr, "alpha": alpha, **step_sums, "batch_fingerprint": fingerprint,
+                "time": time.time(), "lr": lr, "alpha": alpha, **step_sums, "batch_fingerprint": fingerprint,
                 "image_checksum": image_sum,
                 "queue_checksum": queue_checksum(self.module), "queue_ptr": int(self.module.queue.queue_ptr),
                 "momentum_checksum": momentum_checksum(self.module), **self._dtypes(),
@@ -368,7 +361,7 @@ class Trainer:
             step_sums, fingerprint, image_sum, wait_s = {}, 0, 0.0, 0.0
             last = self.step == self.total_steps
             if self.step % tcfg["log_every"] == 0 or last:
-                self._log(window, progress_line)
+                self._log(window)
                 window = {}
             saved = False
             if self.step % tcfg["checkpoint_every"] == 0 or last:
@@ -389,7 +382,7 @@ class Trainer:
             self.metrics.close()
         return 0
 
-    def _log(self, window: dict[str, float], progress_line) -> None:
+    def _log(self, window: dict[str, float]) -> None:
         n = window.pop("n")
         lr, alpha = window.pop("lr"), window.pop("alpha")
         keys = sorted(window)
@@ -404,14 +397,11 @@ class Trainer:
             self.metrics.write(self.step, scalars)
 
     def _finish(self) -> None:
-        from model.export import export_engine
-
         path = export_engine(self.engine, self.cfg, self.step, self.epoch, self.out_dir / "export", self.zero_stage,
                              self.scalar_params)
         if self.rank == 0:
-            from model.plot import plot_run
-
-            plot_run(self.out_dir)
+            if self.metrics.csv_path.is_file():
+                plot_run(self.out_dir)
             print(f"[train] done at step {self.step}; export {path}; plots in {self.out_dir / 'plots'}", flush=True)
 
 

@@ -13,11 +13,19 @@ training process (num_workers=0) leaves the trainer's RNG streams alone.
 
 RandomAugment follows the reference's randaugment.py op for op: OpenCV
 affine warps (bilinear, grey fill) for shear/translate/rotate, lookup tables
-for brightness, autocontrast and equalize (PIL's formulas), a 3x3 smoothing
-blend for sharpness, and the same level-to-magnitude mapping. One
-difference: the reference cast sharpness results outside 0..255 straight to
-uint8 (wrapping around); they are clipped here, as PIL (which that code
-imitates) does.
+for brightness, autocontrast and equalize, a 3x3 smoothing blend for
+sharpness, and the same level-to-magnitude mapping. That code imitates PIL
+but has two uint8 overflows, and the published models were trained with
+them, so they are reproduced by default:
+- autocontrast computes the offset as `-low` on a uint8 scalar, which is
+  `256 - low`: every channel whose minimum is above 0 becomes all 255; only
+  channels that already reach 0 are stretched as PIL would;
+- sharpness casts the blend (which overshoots 0..255 at edges for factors
+  above 1) straight to uint8: values wrap around modulo 256 (x86 behaviour,
+  reproduced portably here through int32).
+`randaug_fix_overflow: true` (default false, a deviation from the
+reference) gives PIL's intended results instead: a real autocontrast
+stretch and a clipped sharpness blend.
 """
 from __future__ import annotations
 
@@ -68,6 +76,7 @@ class AugmentConfig:
     randaug_m: int = 7
     randaug_p: float = 0.5
     randaug_ops: tuple[str, ...] = ALBEF_RANDAUG_OPS
+    randaug_fix_overflow: bool = False  # deviation: PIL-correct autocontrast/sharpness (module docstring)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
@@ -86,6 +95,8 @@ class AugmentConfig:
         bad_ops = [op for op in cfg.randaug_ops if op not in _OPS]
         if bad_ops:
             raise ValueError(f"augment.randaug_ops: unknown op(s) {bad_ops}; known: {sorted(_OPS)}")
+        if not isinstance(cfg.randaug_fix_overflow, bool):
+            raise ValueError(f"augment.randaug_fix_overflow={cfg.randaug_fix_overflow!r} must be true or false")
         if not 0 <= cfg.randaug_m <= RANDAUG_MAX_LEVEL:
             raise ValueError(f"augment.randaug_m={cfg.randaug_m} must lie in [0, {RANDAUG_MAX_LEVEL}]")
         return cfg
@@ -96,10 +107,11 @@ def _signed(magnitude: float, rng: random.Random) -> float:
     return -magnitude if rng.random() > 0.5 else magnitude
 
 
-def _warp(img: np.ndarray, matrix) -> np.ndarray:
+def _warp(img: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    # matrix [2, 3]: float32 for shear/translate, float64 for rotate, as the reference builds them
+    # (OpenCV rounds float32 coefficients differently, which moves a few pixels of a rotation)
     height, width = img.shape[:2]
-    return cv2.warpAffine(img, np.asarray(matrix, dtype=np.float32), (width, height),
-                          flags=cv2.INTER_LINEAR, borderValue=FILL_RGB)
+    return cv2.warpAffine(img, matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=FILL_RGB)
 
 
 def _per_channel_lut(img: np.ndarray, table_of) -> np.ndarray:
@@ -112,7 +124,7 @@ def _identity(img, level, rng):
     return img
 
 
-def _autocontrast(img, level, rng):
+def _autocontrast_table(img: np.ndarray, fix_overflow: bool):
     extremes = [cv2.minMaxLoc(channel)[:2] for channel in cv2.split(img)]
 
     def table(c):
@@ -120,9 +132,19 @@ def _autocontrast(img, level, rng):
         if high <= low:
             return np.arange(256, dtype=np.uint8)
         scale = 255.0 / (high - low)
-        return (np.arange(256) * scale - low * scale).clip(0, 255).astype(np.uint8)
+        # the reference's offset `-low * scale` negates a uint8 scalar: (256 - low) % 256
+        offset = -low * scale if fix_overflow else ((-low) % 256) * scale
+        return (np.arange(256) * scale + offset).clip(0, 255).astype(np.uint8)
 
-    return _per_channel_lut(img, table)
+    return table
+
+
+def _autocontrast(img, level, rng):
+    return _per_channel_lut(img, _autocontrast_table(img, fix_overflow=False))
+
+
+def _autocontrast_fixed(img, level, rng):
+    return _per_channel_lut(img, _autocontrast_table(img, fix_overflow=True))
 
 
 def _equalize(img, level, rng):
@@ -148,14 +170,26 @@ def _brightness(img, level, rng):
     return cv2.LUT(img, table)
 
 
-def _sharpness(img, level, rng):
-    # degenerate + factor * (img - degenerate) on the interior; the border keeps img.
+def _sharpness_blend(img: np.ndarray, level: float) -> np.ndarray:
+    """float32 degenerate + factor * (img - degenerate) on the interior (border excluded)."""
     factor = _enhance_factor(level)
     degenerate = cv2.filter2D(img, -1, SHARPNESS_KERNEL)[1:-1, 1:-1].astype(np.float32)
     blend = img[1:-1, 1:-1].astype(np.float32)
     np.subtract(blend, degenerate, out=blend)
     blend *= factor
     blend += degenerate
+    return blend
+
+
+def _sharpness(img, level, rng):
+    # the reference's float -> uint8 cast: truncate toward zero, wrap modulo 256; the border keeps img
+    out = img.copy()
+    out[1:-1, 1:-1] = _sharpness_blend(img, level).astype(np.int32).astype(np.uint8)
+    return out
+
+
+def _sharpness_fixed(img, level, rng):
+    blend = _sharpness_blend(img, level)
     out = img.copy()
     out[1:-1, 1:-1] = np.clip(blend, 0, 255, out=blend)
     return out
@@ -163,22 +197,22 @@ def _sharpness(img, level, rng):
 
 def _shear_x(img, level, rng):
     shear = _signed(MAX_SHEAR * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, [[1, shear, 0], [0, 1, 0]])
+    return _warp(img, np.float32([[1, shear, 0], [0, 1, 0]]))
 
 
 def _shear_y(img, level, rng):
     shear = _signed(MAX_SHEAR * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, [[1, 0, 0], [shear, 1, 0]])
+    return _warp(img, np.float32([[1, 0, 0], [shear, 1, 0]]))
 
 
 def _translate_x(img, level, rng):
     offset = _signed(MAX_TRANSLATE_PIXELS * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, [[1, 0, -offset], [0, 1, 0]])
+    return _warp(img, np.float32([[1, 0, -offset], [0, 1, 0]]))
 
 
 def _translate_y(img, level, rng):
     offset = _signed(MAX_TRANSLATE_PIXELS * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, [[1, 0, 0], [0, 1, -offset]])
+    return _warp(img, np.float32([[1, 0, 0], [0, 1, -offset]]))
 
 
 def _rotate(img, level, rng):
@@ -200,15 +234,18 @@ _OPS: dict[str, Callable[[np.ndarray, float, random.Random], np.ndarray]] = {
     "translate_y": _translate_y,
     "rotate": _rotate,
 }
+# `randaug_fix_overflow: true`: PIL's intended autocontrast and a clipped sharpness blend
+_FIXED_OPS = {**_OPS, "autocontrast": _autocontrast_fixed, "sharpness": _sharpness_fixed}
 
 
 def rand_augment(img: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
     """ALBEF's RandomAugment on uint8 [H, W, 3]: N ops drawn with replacement, each applied with p."""
+    table = _FIXED_OPS if cfg.randaug_fix_overflow else _OPS
     ops = [rng.choice(cfg.randaug_ops) for _ in range(cfg.randaug_n)]
     for name in ops:
         if rng.random() > cfg.randaug_p:
             continue
-        img = _OPS[name](img, cfg.randaug_m, rng)
+        img = table[name](img, cfg.randaug_m, rng)
     return img
 
 

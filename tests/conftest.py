@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.fixtures.http_images",
     "tests.fixtures.retrieval",
     "tests.fixtures.slurm",
+    "tests.fixtures.training",
 ]

@@ -1,6 +1,7 @@
 """Caption cleaning and image transforms against the reference's definitions."""
 import random
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -80,8 +81,8 @@ def test_train_transform_is_a_function_of_the_rng():
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
-def _only(op: str) -> AugmentConfig:
-    return AugmentConfig(randaug_n=1, randaug_p=1.0, randaug_ops=(op,))
+def _only(op: str, fix_overflow: bool = False) -> AugmentConfig:
+    return AugmentConfig(randaug_n=1, randaug_p=1.0, randaug_ops=(op,), randaug_fix_overflow=fix_overflow)
 
 
 def test_randaugment_ops_at_m7_match_the_reference_definitions():
@@ -89,12 +90,14 @@ def test_randaugment_ops_at_m7_match_the_reference_definitions():
     factor = 0.1 + 1.8 * 0.7  # enhance level 7 of 10
     brightness = rand_augment(img, _only("brightness"), random.Random(0))
     assert np.array_equal(brightness, np.clip(img.astype(np.float32) * factor, 0, 255).astype(np.uint8))
-    # PIL's autocontrast / equalize are what the reference's tables reproduce
-    for op, pil in (("autocontrast", ImageOps.autocontrast), ("equalize", ImageOps.equalize)):
-        ours = rand_augment(img, _only(op), random.Random(0))
-        assert np.abs(ours.astype(int) - np.asarray(pil(Image.fromarray(img))).astype(int)).max() <= 1, op
-    # sharpness: PIL's result in the interior (the reference differs from PIL on the border only)
-    ours = rand_augment(img, _only("sharpness"), random.Random(0))
+    # equalize: PIL's, which the reference's tables reproduce
+    ours = rand_augment(img, _only("equalize"), random.Random(0))
+    assert np.abs(ours.astype(int) - np.asarray(ImageOps.equalize(Image.fromarray(img))).astype(int)).max() <= 1
+    # with randaug_fix_overflow, autocontrast and sharpness are PIL's (sharpness: in the interior)
+    ours = rand_augment(img, _only("autocontrast", fix_overflow=True), random.Random(0))
+    pil = np.asarray(ImageOps.autocontrast(Image.fromarray(img)))
+    assert np.abs(ours.astype(int) - pil.astype(int)).max() <= 1
+    ours = rand_augment(img, _only("sharpness", fix_overflow=True), random.Random(0))
     pil = np.asarray(ImageEnhance.Sharpness(Image.fromarray(img)).enhance(factor))
     assert np.abs(ours[1:-1, 1:-1].astype(int) - pil[1:-1, 1:-1].astype(int)).max() <= 1
     out = rand_augment(img, _only("rotate"), random.Random(0))
@@ -108,6 +111,54 @@ def test_randaugment_ops_at_m7_match_the_reference_definitions():
     out = rand_augment(img, _only("shear_x"), random.Random(0))
     assert np.array_equal(out[0], img[0])  # x' = x + 0.21 y leaves the top row in place
     assert np.all(out[-1, :9] == FILL_RGB) or np.all(out[-1, -9:] == FILL_RGB)  # 0.21 * 47 = 9.9 px
+
+
+def test_reference_autocontrast_whitens_every_channel_whose_minimum_is_above_zero():
+    """The reference negates the channel minimum as a uint8 (-low == 256 - low), which pushes the
+    whole table above 255 unless low == 0; the default reproduces what the published models saw."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(40, 200, (24, 32, 3)).astype(np.uint8)
+    img[0, 0, 0] = 0    # channel 0 reaches 0: a genuine stretch to 0..255
+    img[0, 1, 1] = 1    # channel 1 bottoms out at 1: saturated like channel 2 (minimum 40)
+    ours = rand_augment(img, _only("autocontrast"), random.Random(0))
+    ch0 = img[..., 0].astype(np.float64)
+    stretched = (ch0 * (255.0 / ch0.max())).clip(0, 255).astype(np.uint8)
+    assert np.array_equal(ours[..., 0], stretched)
+    assert (ours[..., 1] == 255).all() and (ours[..., 2] == 255).all()
+    fixed = rand_augment(img, _only("autocontrast", fix_overflow=True), random.Random(0))
+    assert fixed[..., 1].min() == 0 and fixed[..., 2].min() == 0 and fixed[..., 2].max() == 255
+
+
+def test_reference_sharpness_wraps_the_overshoot_modulo_256():
+    """degenerate + 1.36 * (img - degenerate) leaves 0..255 at edges; the reference's uint8 cast
+    truncates toward zero and wraps, the fixed variant clips."""
+    rng = np.random.default_rng(1)
+    img = np.where(rng.random((20, 24, 3)) < 0.5, 10, 245).astype(np.uint8)
+    kernel = np.ones((3, 3), np.float32)
+    kernel[1, 1] = 5
+    kernel /= 13
+    degenerate = cv2.filter2D(img, -1, kernel).astype(np.float32)
+    blend = degenerate + np.float32(0.1 + 1.8 * 0.7) * (img.astype(np.float32) - degenerate)
+    inner = blend[1:-1, 1:-1]
+    assert (inner > 256).any() and (inner < -1).any()  # the image really overshoots both ways
+    ours = rand_augment(img, _only("sharpness"), random.Random(0))
+    assert np.array_equal(ours[1:-1, 1:-1], (np.trunc(inner).astype(np.int64) % 256).astype(np.uint8))
+    assert np.array_equal(ours[0], img[0]) and np.array_equal(ours[:, -1], img[:, -1])
+    fixed = rand_augment(img, _only("sharpness", fix_overflow=True), random.Random(0))
+    assert np.array_equal(fixed[1:-1, 1:-1], np.clip(inner, 0, 255).astype(np.uint8))
+
+
+def test_rotate_warps_with_the_float64_rotation_matrix():
+    img = np.random.default_rng(2).integers(0, 256, (128, 128, 3)).astype(np.uint8)
+    ours = rand_augment(img, _only("rotate"), random.Random(0))
+    candidates = []
+    for degrees in (21.0, -21.0):
+        matrix = cv2.getRotationMatrix2D((64.0, 64.0), degrees, 1)
+        exact = cv2.warpAffine(img, matrix, (128, 128), borderValue=FILL_RGB)
+        rounded = cv2.warpAffine(img, matrix.astype(np.float32), (128, 128), borderValue=FILL_RGB)
+        assert not np.array_equal(exact, rounded)  # float32 coefficients would move some pixels
+        candidates.append(exact)
+    assert any(np.array_equal(ours, c) for c in candidates)
 
 
 def test_randaugment_applies_each_drawn_op_with_probability_half():
@@ -124,3 +175,6 @@ def test_augment_config_refuses_unknown_settings():
     with pytest.raises(ValueError, match="crop_scal"):
         AugmentConfig.from_dict({"crop_scal": [0.5, 1.0]})
     assert AugmentConfig.from_dict({"crop_scale": [0.5, 1.0]}).crop_scale == (0.5, 1.0)
+    assert AugmentConfig.from_dict({}).randaug_fix_overflow is False  # the reference's behaviour
+    with pytest.raises(ValueError, match="randaug_fix_overflow='yes'"):
+        AugmentConfig.from_dict({"randaug_fix_overflow": "yes"})

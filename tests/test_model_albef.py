@@ -256,6 +256,27 @@ def test_retrieval_mode_uses_image_ids_and_has_no_mlm(tiny_model_cfg, tiny_batch
         model(*_inputs(tiny_batch), alpha=0.4)
 
 
+def test_retrieval_forward_leaves_the_temperature_unclamped(tiny_model_cfg, tiny_batch):
+    """The reference clamps the temperature in pretraining only; its retrieval model never does."""
+    tiny_model_cfg["retrieval"] = True
+    torch.manual_seed(0)
+    model = ALBEF(tiny_model_cfg).eval()  # eval: no EMA step, so momentum copies == online model
+    image, ids, mask = _inputs(tiny_batch)
+    bs, temp = image.shape[0], 0.9  # above temp_max
+    with torch.no_grad():
+        model.temp.fill_(temp)
+        out = model(image, ids, mask, alpha=0.0, idx=torch.arange(bs))
+        f_i, f_t = model.encode_image(image)[1], model.encode_text(ids, mask)[1]
+        i_all = torch.cat([f_i.t(), model.queue.image_queue], 1)
+        t_all = torch.cat([f_t.t(), model.queue.text_queue], 1)
+        y = torch.zeros(bs, i_all.shape[1])
+        y[:, :bs] = torch.eye(bs)  # distinct image ids, empty idx_queue: the diagonal only
+        itc = (-(_log_softmax(f_i @ t_all / temp) * y).sum(1).mean()
+               - (_log_softmax(f_t @ i_all / temp) * y).sum(1).mean()) / 2
+    assert model.temp.item() == pytest.approx(temp)
+    assert out["loss_itc"].item() == pytest.approx(itc.item(), rel=1e-4)
+
+
 def test_queue_size_not_divisible_by_global_batch_is_refused(tiny_model_cfg):
     with pytest.raises(ValueError, match=r"queue_size=64.*global batch size 48"):
         ALBEF(tiny_model_cfg, global_batch_size=48)
