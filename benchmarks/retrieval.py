@@ -23,7 +23,6 @@ extrapolation.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import subprocess

@@ -1,6 +1,7 @@
 """Training throughput and memory per ZeRO stage, through the real entry point.
 
-    python benchmarks/train.py [--steps 30] [--warmup 5] [--mem-steps 3] [--workers 1] [--skip-memory]
+    python benchmarks/train.py [--steps 30] [--warmup 5] [--mem-steps 3] [--workers 1]
+                               [--skip-throughput] [--skip-memory] [--gpu]
 
 1. Throughput: `deepspeed --num_gpus 2 model/train.py` with the tiny config
    (configs/tiny.yaml) on generated shards, once per ZeRO stage (CPU configs
@@ -9,11 +10,13 @@
    that time rank 0 spent waiting for its next batch.
 2. Memory: the mid-size model of benchmarks/train_mid.yaml (base widths,
    ~90M trainable parameters, ~180M with the momentum copies) for
-   `--mem-steps` steps per stage; peak resident memory of each rank (CPU: the
-   process's peak RSS, which includes the ~0.5-1 GB of the Python/torch
-   runtime itself). The expected model-state bytes per rank are printed beside
-   it: params P (online + momentum, fp32), grads G and AdamW moments 2G over
-   the trainable part, divided over the ranks as each stage partitions them.
+   `--mem-steps` steps per stage; memory of each rank after the last step and
+   its peak (CPU: resident set size and peak RSS of the process, both including
+   the ~0.5-1 GB of the Python/torch runtime; the peak also holds start-up
+   transients such as DeepSpeed flattening the parameters into buffers). The
+   expected model-state bytes per rank are printed beside them: params P
+   (online + momentum, fp32), grads G and AdamW moments 2G over the trainable
+   part, divided over the ranks as each stage partitions them.
 
 Prints one JSON object. On a GPU machine the same runs use the GPU configs by
 passing `--gpu` (bf16 torch_autocast; memory is then torch's peak allocation).
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--mem-steps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="use the GPU DeepSpeed configs (bf16 autocast)")
     args = parser.parse_args()
@@ -111,7 +115,7 @@ def main() -> None:
         tmp = Path(tmp)
         write_shards(tmp / "shards", SHARD_SIZES, seed=3)
         spec = brace_spec(tmp / "shards", len(SHARD_SIZES))
-        for stage in STAGES:
+        for stage in () if args.skip_throughput else STAGES:
             if stage == 0 and args.gpu:
                 continue
             records = run(tmp / f"tiny_z{stage}", tiny, f"zero{stage}{suffix}.json", spec, args.steps, args.workers)
@@ -123,9 +127,10 @@ def main() -> None:
                 if stage == 0 and args.gpu:
                     continue
                 records = run(tmp / f"mid_z{stage}", mid, f"zero{stage}{suffix}.json", spec, args.mem_steps, 0)
+                now = [round(recs[-1]["mem_mb"]) for recs in records]
                 peak = [round(recs[-1]["peak_mem_mb"]) for recs in records]
-                result["memory_mid"][f"zero{stage}_peak_mb_per_rank"] = peak
-                print(json.dumps({f"mid zero{stage} peak MB": peak}), file=sys.stderr)
+                result["memory_mid"][f"zero{stage}_mb_per_rank"] = {"after_steps": now, "peak": peak}
+                print(json.dumps({f"mid zero{stage} MB": {"after_steps": now, "peak": peak}}), file=sys.stderr)
     print(json.dumps(result, indent=2))
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 CSV_NAME = "metrics.csv"
@@ -56,10 +57,18 @@ class Throughput:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank so far: allocated GPU memory, or the process's peak RSS on CPU."""
+    """Peak memory of this rank so far: allocated GPU memory, or the process's peak RSS on CPU
+    (which includes start-up transients such as DeepSpeed flattening the parameters)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def memory_mb(device: torch.device) -> float:
+    """Memory this rank holds now: allocated GPU memory, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def format_eta(seconds: float) -> str:

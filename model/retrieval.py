@@ -139,11 +139,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if use_cuda:
         torch.cuda.set_device(device)
     rank, world = _init_distributed(device)
+    dataset = eval_dataset(cfg, args.split)
     tokenizer = load_tokenizer(cfg["model"]["text"]["tokenizer"])
     model = ALBEF(retrieval_model_config(cfg, tokenizer))
     report, source = load_retrieval_weights(model, args.checkpoint)
     model.to(device).eval()
-    dataset = eval_dataset(cfg, args.split)
     result, timings, scores = run_evaluation(model, dataset, tokenizer, cfg, device)
     if rank == 0:
         out = Path(args.output) if args.output else default_output(args.checkpoint, args.config, args.split)

@@ -111,6 +111,9 @@ def image_features(model, dataset: RetrievalEvalDataset, batch_size: int, device
 def compute_features(model, dataset: RetrievalEvalDataset, tokenizer, *, max_tokens: int,
                      image_batch_size: int, text_batch_size: int, device: torch.device,
                      num_workers: int = 0) -> Features:
+    """Features of every image slot and caption; an evaluation set with nothing usable is refused."""
+    if not any(dataset.text_ok):
+        raise ValueError(f"no usable caption in {dataset.ann_file}: problems {dataset.problem_counts()}")
     img_tok, img_feat = image_features(model, dataset, image_batch_size, device, num_workers)
     txt_tok, txt_mask, txt_feat = text_features(model, dataset.texts, tokenizer, max_tokens,
                                                 text_batch_size, device)

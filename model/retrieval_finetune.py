@@ -88,6 +88,15 @@ class RetrievalFinetuner:
                                    source=str(args.deepspeed_config))
         self.zero_stage = zero_stage(ds_cfg)
 
+        res = cfg["model"]["vision"]["image_res"]
+        self.train_set = RetrievalTrainDataset(
+            dcfg["train_file"], dcfg["image_root"],
+            ImageTransform(res, train=True, augment=AugmentConfig.from_dict(dcfg["augment"])),
+            max_words=dcfg["max_words"], seed=tcfg["seed"])
+        self.eval_sets = {split: eval_dataset(cfg, split) for split in ("val", "test") if dcfg[f"{split}_file"]}
+        if not self.eval_sets:
+            raise ValueError("neither data.val_file nor data.test_file is set: nothing to select the model by")
+
         seed_everything(tcfg["seed"])
         self.tokenizer = load_tokenizer(cfg["model"]["text"]["tokenizer"])
         cfg["model"] = retrieval_model_config(cfg, self.tokenizer)
@@ -97,11 +106,6 @@ class RetrievalFinetuner:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(tcfg["seed"] + self.rank)
 
-        res = cfg["model"]["vision"]["image_res"]
-        self.train_set = RetrievalTrainDataset(
-            dcfg["train_file"], dcfg["image_root"],
-            ImageTransform(res, train=True, augment=AugmentConfig.from_dict(dcfg["augment"])),
-            max_words=dcfg["max_words"], seed=tcfg["seed"])
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
                                           shuffle=True, seed=tcfg["seed"])
         self.loader = DataLoader(self.train_set, batch_size=self.plan.micro_batch, sampler=self.sampler,
@@ -113,10 +117,6 @@ class RetrievalFinetuner:
                 f"{len(self.train_set)} training pairs give {self.batches_per_epoch} full batches of "
                 f"{self.plan.micro_batch} per rank over {self.world} ranks, fewer than "
                 f"train.gradient_accumulation_steps {self.plan.grad_accum}")
-        self.eval_sets = {split: eval_dataset(cfg, split) for split in ("val", "test") if dcfg[f"{split}_file"]}
-        if not self.eval_sets:
-            raise ValueError("neither data.val_file nor data.test_file is set: nothing to select the model by")
-
         self.total_steps = tcfg["epochs"] * self.batches_per_epoch // self.plan.grad_accum
         schedule = LRSchedule(lr=tcfg["lr"], warmup_lr=tcfg["warmup_lr"], min_lr=tcfg["min_lr"],
                               warmup_steps=tcfg["warmup_steps"], total_steps=self.total_steps)

@@ -42,7 +42,7 @@ from model.engine_config import BatchPlan, load_ds_config, resolve_ds_config, ze
 from model.export import export_engine
 from model.plot import plot_run
 from model.preemption import StopRequest
-from model.progress import MetricsLog, StepRecords, Throughput, peak_memory_mb, progress_line
+from model.progress import MetricsLog, StepRecords, Throughput, memory_mb, peak_memory_mb, progress_line
 from model.schedule import LRSchedule, alpha_at
 from pipeline.loader import ShardLoader
 from pipeline.tokenize import load_tokenizer
@@ -352,7 +352,8 @@ class Trainer:
                 "image_checksum": image_sum,
                 "queue_checksum": queue_checksum(self.module), "queue_ptr": int(self.module.queue.queue_ptr),
                 "momentum_checksum": momentum_checksum(self.module), **self._dtypes(),
-                "peak_mem_mb": peak_memory_mb(self.device), "data_wait_s": wait_s,
+                "mem_mb": memory_mb(self.device), "peak_mem_mb": peak_memory_mb(self.device),
+                "data_wait_s": wait_s,
             })
             for key, value in step_sums.items():
                 window[key] = window.get(key, 0.0) + value

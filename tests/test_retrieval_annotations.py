@@ -14,7 +14,7 @@ from model.retrieval_eval import evaluate, evaluate_itc
 from model.retrieval_metrics import REASON_QUERY, REASON_TARGETS
 from pipeline import annotations as ann
 from pipeline.tokenize import load_tokenizer
-from pipeline.transforms import ImageTransform, normalize_batch
+from pipeline.transforms import ImageTransform
 
 N_WORDS = 12
 RES = 8
@@ -188,6 +188,19 @@ def test_train_dataset_reports_and_keeps_batches_full(tmp_path, tokenizer):
     # Same seed, epoch and index -> the same augmentation, whichever process loads it.
     a, b = ds[0]["image"], ds[0]["image"]
     assert torch.equal(a, b)
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path, tokenizer):
+    write_image(tmp_path / "0.png", 0)
+    (tmp_path / "t.json").write_text(json.dumps([{"image": "0.png", "caption": ["?!", ""]}]))
+    ds = ann.RetrievalEvalDataset(tmp_path / "t.json", tmp_path, ImageTransform(RES, train=False))
+    model = OracleModel(tokenizer.convert_tokens_to_ids("w0"))
+    with pytest.raises(ValueError, match="no usable caption in .*t.json"):
+        evaluate_itc(model, ds, tokenizer, max_tokens=8)
+    (tmp_path / "u.json").write_text(json.dumps([{"image": "gone.png", "caption": ["w1"]}]))
+    ds = ann.RetrievalEvalDataset(tmp_path / "u.json", tmp_path, ImageTransform(RES, train=False))
+    with pytest.raises(ValueError, match="no image of .*u.json could be loaded"):
+        evaluate_itc(model, ds, tokenizer, max_tokens=8)
 
 
 def test_unreadable_annotation_file_fails_with_its_name(tmp_path):

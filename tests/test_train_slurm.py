@@ -1,17 +1,23 @@
-"""`sbatch slurm/pretrain_4m.sh` on a real one-node Slurm (loopback), tiny config.
+"""The Slurm scripts on a real one-node Slurm (loopback).
 
-The job trains on 2 CPU tasks started by `srun` (rendezvous from the Slurm
-environment), writes checkpoints; then the pre-timeout signal path is taken for
-real (`scancel --signal=USR1 --batch`: what `#SBATCH --signal=B:USR1@...`
-delivers): the ranks checkpoint and stop, the job requeues itself, and the
-requeued job resumes with `--resume auto` and finishes.
+`sbatch slurm/pretrain_4m.sh` with the tiny config: the job trains on 2 CPU
+tasks started by `srun` (rendezvous from the Slurm environment) and writes
+checkpoints; then the pre-timeout signal path is taken for real (`scancel
+--signal=USR1 --batch`: what `#SBATCH --signal=B:USR1@...` delivers): the ranks
+checkpoint and stop, the job requeues itself, and the requeued job resumes with
+`--resume auto` and finishes.
+
+`slurm/submit_download.sh`: a staging job, then a 2-task array that packs local
+images into shards, each task its own shard range, one manifest over all.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 import pytest
+from PIL import Image
 
 from model.checkpointing import LATEST, tag_for_step
 from tests.fixtures.training import REPO, TINY_CONFIG, read_records, steps_of
@@ -76,3 +82,46 @@ def test_sbatch_pretrain_trains_checkpoints_requeues_and_resumes(slurm_cluster, 
     assert (out / "checkpoints" / LATEST).read_text() == tag_for_step(MAX_STEPS)
     assert (out / "export" / "albef.pth").is_file()
     assert not (out / "stop_requested").exists()
+
+
+DOWNLOAD_IMAGES = 6
+DOWNLOAD_SLICES = 2
+
+
+@pytest.mark.timeout(240)
+def test_download_array_packs_every_slice(slurm_cluster, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(DOWNLOAD_IMAGES):
+        Image.new("RGB", (48 + i, 40), (40 * i, 90, 200 - 20 * i)).save(images / f"{i}.jpg")
+    ann = tmp_path / "coco.json"
+    ann.write_text(json.dumps([{"image": f"{i}.jpg", "caption": f"picture number {i}"}
+                               for i in range(DOWNLOAD_IMAGES)]))
+    out = tmp_path / "shards"
+    env = {**slurm_cluster.env, "ALBEF_PYTHON": sys.executable, "ALBEF_IMAGE_ROOT": str(images),
+           "ALBEF_DOWNLOAD_ARGS": "--samples-per-shard 2"}
+    submitted = slurm_cluster.run(str(REPO / "slurm" / "submit_download.sh"), "coco", str(ann), str(out),
+                                  str(DOWNLOAD_SLICES), "--cpus-per-task=1", f"--output={tmp_path}/dl-%A_%a.out",
+                                  env=env, cwd=REPO)
+    stage_job, array_job = (int(w.strip(",")) for w in submitted.stdout.split() if w.strip(",").isdigit())
+
+    def states(job: int) -> list[str]:
+        out_ = slurm_cluster.run("scontrol", "show", "job", str(job), "-o", check=False).stdout
+        return [f.split("=", 1)[1] for f in out_.split() if f.startswith("JobState=")]
+
+    def done() -> bool:
+        all_states = states(stage_job) + states(array_job)
+        if any(s in ("FAILED", "CANCELLED", "TIMEOUT") for s in all_states):
+            logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("dl-*.out"))
+            pytest.fail(f"download jobs {all_states}\n{logs}")
+        return len(states(array_job)) == DOWNLOAD_SLICES and all(s == "COMPLETED" for s in all_states)
+
+    slurm_cluster.wait_for(done, 200, "the staging job and the download array", poll=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["total_samples"] == DOWNLOAD_IMAGES
+    assert sorted(manifest["shards"]) == ["00000.tar", "00001.tar", "00002.tar"]
+    summaries = [json.loads(line) for p in tmp_path.glob("dl-*.out")
+                 for line in p.read_text().splitlines() if line.startswith("{")]
+    assert [s["staged_shards"] for s in summaries if "staged_shards" in s] == [3]
+    assert sorted((s["slice"], tuple(s["shards"])) for s in summaries if "staged_shards" not in s) == \
+        [("0/2", (0, 1)), ("1/2", (1, 3))]
