@@ -6,6 +6,7 @@ metrics, and a per-rank JSON-lines record of every optimiser step.
 - `MetricsLog` (rank 0): appends one row per logging window to
   `logs/metrics.csv` and the same scalars to TensorBoard (`logs/tb/`). On resume
   the rows after the resumed step are dropped so the CSV stays one curve.
+  Zero-shot retrieval metrics, when the run evaluates, go to `logs/eval.csv`.
 - `StepRecords` (every rank): `logs/records_rank{R}.jsonl`, one JSON object per
   optimiser step (losses, lr, alpha, queue checksum, data position); each start
   of the trainer first writes a `{"event": "start", ...}` line. Tests read these.
@@ -24,6 +25,7 @@ import psutil
 import torch
 
 CSV_NAME = "metrics.csv"
+EVAL_CSV_NAME = "eval.csv"
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 ACC_KEYS = ("acc_itc", "acc_itm", "acc_mlm")
 
@@ -94,29 +96,13 @@ class MetricsLog:
 
         log_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = log_dir / CSV_NAME
-        self._truncate_after(resume_step)
+        for path in (self.csv_path, log_dir / EVAL_CSV_NAME):
+            _truncate_after(path, resume_step)
         self.tb = SummaryWriter(str(log_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
         self.fieldnames: list[str] | None = None
         if self.csv_path.is_file() and self.csv_path.stat().st_size:
             with self.csv_path.open() as f:
                 self.fieldnames = next(csv.reader(f), None)
-
-    def _truncate_after(self, resume_step: int | None) -> None:
-        if not self.csv_path.is_file():
-            return
-        if resume_step is None:
-            self.csv_path.unlink()
-            return
-        with self.csv_path.open() as f:
-            rows = list(csv.DictReader(f))
-            fields = rows[0].keys() if rows else None
-        if fields is None:
-            return
-        keep = [r for r in rows if int(r["step"]) <= resume_step]
-        with self.csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(fields))
-            writer.writeheader()
-            writer.writerows(keep)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         row = {"step": step, **scalars}
@@ -131,8 +117,39 @@ class MetricsLog:
                 self.tb.add_scalar(f"train/{key}", value, step)
         self.tb.flush()
 
+    def write_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Zero-shot retrieval metrics: `logs/eval.csv` and TensorBoard `eval/*`."""
+        path = self.csv_path.with_name(EVAL_CSV_NAME)
+        new = not path.is_file()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", *metrics], extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({"step": step, **metrics})
+        for key, value in metrics.items():
+            self.tb.add_scalar(f"eval/{key}", value, step)
+        self.tb.flush()
+
     def close(self) -> None:
         self.tb.close()
+
+
+def _truncate_after(path: Path, resume_step: int | None) -> None:
+    """Drop a CSV's rows after `resume_step` (all of it for a fresh start)."""
+    if not path.is_file():
+        return
+    if resume_step is None:
+        path.unlink()
+        return
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fields = list(rows[0].keys())
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= resume_step)
 
 
 class StepRecords:

@@ -43,9 +43,12 @@ from model.export import export_engine
 from model.plot import plot_run
 from model.preemption import StopRequest
 from model.progress import MetricsLog, StepRecords, Throughput, memory_mb, peak_memory_mb, progress_line
+from model.retrieval_eval import evaluate_itc
 from model.schedule import LRSchedule, alpha_at
+from pipeline.annotations import RetrievalEvalDataset
 from pipeline.loader import ShardLoader
 from pipeline.tokenize import load_tokenizer
+from pipeline.transforms import ImageTransform
 
 LOSS_AND_METRIC_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "acc_itc", "acc_itm", "acc_mlm")
 QUEUE_BUFFERS = ("image_queue", "text_queue")
@@ -53,7 +56,7 @@ REQUIRED = {
     "train": ("lr", "warmup_lr", "warmup_steps", "min_lr", "weight_decay", "epochs", "alpha",
               "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps", "betas", "eps", "seed",
               "output_dir", "log_every", "checkpoint_every", "keep_checkpoints", "stop_signals",
-              "dist_timeout_s"),
+              "dist_timeout_s", "eval_annotation", "eval_image_root", "eval_every", "eval_max_tokens"),
     "data": ("shards", "num_workers", "resampled", "shuffle_buffer"),
 }
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -81,7 +84,7 @@ def check_run_config(cfg: dict) -> None:
         missing = [f"{section}.{k}" for k in keys if k not in cfg[section]]
         if missing:
             raise ValueError(f"config lacks {', '.join(missing)} (see configs/pretrain_base.yaml)")
-    for key in ("log_every", "checkpoint_every", "epochs"):
+    for key in ("log_every", "checkpoint_every", "epochs", "eval_every"):
         value = cfg["train"][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"train.{key}={value!r} must be a positive integer")
@@ -210,7 +213,9 @@ class Trainer:
 
         optimizer = torch.optim.AdamW(param_groups(model.trainable_parameters(), tcfg["weight_decay"]),
                                       lr=tcfg["lr"], betas=tuple(tcfg["betas"]), eps=tcfg["eps"])
+        self.tokenizer = tokenizer
         self.loader = self._build_loader(tokenizer)
+        self.eval_set = self._build_eval_set()
         self.batches_per_epoch = self.loader.batches_per_epoch
         if self.batches_per_epoch < self.plan.grad_accum:
             raise ValueError(
@@ -254,6 +259,28 @@ class Trainer:
                            train=True, image_res=self.cfg["model"]["vision"]["image_res"],
                            max_tokens=tcfg["max_tokens"], resampled=dcfg["resampled"],
                            shuffle_buffer=dcfg["shuffle_buffer"], pin_memory=self.use_cuda)
+
+    def _build_eval_set(self) -> RetrievalEvalDataset | None:
+        tcfg = self.cfg["train"]
+        if not tcfg["eval_annotation"]:
+            return None
+        if not tcfg["eval_image_root"]:
+            raise ValueError("train.eval_annotation is set but train.eval_image_root is not")
+        transform = ImageTransform(self.cfg["model"]["vision"]["image_res"], train=False)
+        return RetrievalEvalDataset(expand_env(tcfg["eval_annotation"]), expand_env(tcfg["eval_image_root"]),
+                                    transform)
+
+    def _evaluate(self) -> None:
+        """Zero-shot ITC-only retrieval on the held-out set (collective: every rank computes it)."""
+        metrics = evaluate_itc(self.module, self.eval_set, self.tokenizer,
+                               max_tokens=self.cfg["train"]["eval_max_tokens"], device=self.device)
+        self.records.write({"event": "eval", "step": self.step, "rank": self.rank, **metrics})
+        if self.rank == 0:
+            self.metrics.write_eval(self.step, metrics)
+            print(f"[train] eval step {self.step}: TR@1/5/10 {metrics['txt_r1']:.1f}/{metrics['txt_r5']:.1f}/"
+                  f"{metrics['txt_r10']:.1f} IR@1/5/10 {metrics['img_r1']:.1f}/{metrics['img_r5']:.1f}/"
+                  f"{metrics['img_r10']:.1f} r_mean {metrics['r_mean']:.1f} ({metrics['n_images']} images, "
+                  f"{metrics['n_texts']} texts)", flush=True)
 
     def _maybe_resume(self) -> str | None:
         path = self.ckpt.resolve(self.args.resume)
@@ -364,6 +391,8 @@ class Trainer:
             if self.step % tcfg["log_every"] == 0 or last:
                 self._log(window)
                 window = {}
+            if self.eval_set is not None and (self.step % tcfg["eval_every"] == 0 or last):
+                self._evaluate()
             saved = False
             if self.step % tcfg["checkpoint_every"] == 0 or last:
                 self._save()

@@ -22,6 +22,7 @@ import torch
 from model.albef import ALBEF
 from model.checkpoint import load_albef_state_dict
 from model.checkpointing import LATEST, tag_for_step
+from tests.fixtures.retrieval import write_shapes_dataset
 from tests.fixtures.training import (
     REPO, TINY_CONFIG, free_port, launch_training, read_records, steps_of, training_command, training_env,
 )
@@ -45,9 +46,13 @@ def zero1_run(tmp_path_factory, train_shards):
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, train_shards):
+    """ZeRO-3 with bf16 autocast, evaluating zero-shot ITC retrieval every 2 steps."""
     out = tmp_path_factory.mktemp("zero3")
+    held_out = tmp_path_factory.mktemp("held_out")
+    write_shapes_dataset(held_out, train_per_scene=1)
     launch_training(out, "zero3_cpu_bf16.json", train_shards.spec, max_steps=STAGE_STEPS,
-                    overrides=("data.num_workers=0",))
+                    overrides=("data.num_workers=0", f"train.eval_annotation={held_out / 'test.json'}",
+                               f"train.eval_image_root={held_out}", "train.eval_every=2"))
     return out
 
 
@@ -170,6 +175,12 @@ def test_zero3_bf16_autocast_moves_fp32_momentum_partitions(zero3_run):
     # each rank holds different partitions of the momentum model, and each one moved
     assert start["momentum_checksum"] != records[1][0]["momentum_checksum"]
     _check_export(zero3_run, STAGE_STEPS)
+    # zero-shot ITC retrieval ran at steps 2 and 4 on both ranks (collective under ZeRO-3), same numbers
+    evals = {rank: [r for r in recs if r.get("event") == "eval"] for rank, recs in records.items()}
+    assert [e["step"] for e in evals[0]] == [2, 4] and evals[0] == [{**e, "rank": 0} for e in evals[1]]
+    assert evals[0][0]["n_images"] == 20 and 0 <= evals[0][0]["r_mean"] <= 100
+    eval_csv = (zero3_run / "logs" / "eval.csv").read_text().splitlines()
+    assert eval_csv[0].startswith("step,txt_r1") and len(eval_csv) == 3
 
 
 @pytest.mark.timeout(400)
