@@ -149,14 +149,10 @@ def rerank(model, features: Features, sims: torch.Tensor, k: int) -> tuple[np.nd
         start, end, step = query_block(n_q, rank, world)
         scores[start:end] = NOT_RERANKED
         ok_rows = torch.nonzero(query_ok).flatten().tolist()
-        for slot in range(step):
+        for slot in range(step if kk and ok_rows else 0):
             q = start + slot
             real = q < end and bool(query_ok[q])
-            if not real and not ok_rows:
-                continue
-            run_q = q if real else ok_rows[0]
-            if kk == 0:
-                continue
+            run_q = q if real else ok_rows[0]   # padding: same forward on every rank, result dropped
             top_idx = sim[run_q].topk(kk).indices
             if i2t:
                 logits = model.itm_logits(f.image_tokens[run_q].expand(kk, -1, -1),
