@@ -1,6 +1,6 @@
 """Training throughput and memory per ZeRO stage, through the real entry point.
 
-    python benchmarks/train.py [--steps 30] [--warmup 5] [--mem-steps 3] [--workers 1]
+    python benchmarks/train.py [--steps 80] [--warmup 5] [--mem-steps 3] [--workers 1]
                                [--skip-throughput] [--skip-memory] [--gpu]
 
 1. Throughput: `deepspeed --num_gpus 2 model/train.py` with the tiny config
@@ -11,12 +11,14 @@
 2. Memory: the mid-size model of benchmarks/train_mid.yaml (base widths,
    ~90M trainable parameters, ~180M with the momentum copies) for
    `--mem-steps` steps per stage; memory of each rank after the last step and
-   its peak (CPU: resident set size and peak RSS of the process, both including
-   the ~0.5-1 GB of the Python/torch runtime; the peak also holds start-up
-   transients such as DeepSpeed flattening the parameters into buffers). The
+   its peak during the training steps (CPU: resident set size and its high-water
+   mark, reset when the training loop starts, both including the ~1 GB of the
+   Python/torch/DeepSpeed runtime; glibc is told to return freed large blocks,
+   see MEMORY_ENV). The
    expected model-state bytes per rank are printed beside them: params P
-   (online + momentum, fp32), grads G and AdamW moments 2G over the trainable
-   part, divided over the ranks as each stage partitions them.
+   (online + momentum, fp32), grads G, AdamW moments 2G and (ZeRO-1/2/3) the
+   optimiser's fp32 master copy G of the trainable part, divided over the ranks
+   as each stage partitions them; communication buckets come on top.
 
 Prints one JSON object. On a GPU machine the same runs use the GPU configs by
 passing `--gpu` (bf16 torch_autocast; memory is then torch's peak allocation).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -41,6 +44,10 @@ RANKS = 2
 SHARD_SIZES = (32,) * 16          # 512 samples: 32 batches per rank per epoch at 2 x 8
 STAGES = (0, 1, 2, 3)
 BYTES_FP32 = 4
+# glibc keeps freed large blocks in its heap once its dynamic mmap threshold has grown, so
+# RSS would show the high-water mark of start-up copies rather than what a rank holds; a
+# fixed threshold returns every large tensor's memory to the OS when it is freed.
+MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def free_port() -> int:
@@ -49,14 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out: Path, config: Path, ds_config: str, spec: str, steps: int, workers: int) -> list[list[dict]]:
+def run(out: Path, config: Path, ds_config: str, spec: str, steps: int, workers: int,
+        env: dict | None = None) -> list[list[dict]]:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(RANKS),
            "--master_port", str(free_port()), "model/train.py", "--config", str(config),
            "--deepspeed_config", str(REPO / "ds_configs" / ds_config), "--output-dir", str(out),
            "--max-steps", str(steps), f"data.shards={spec}", f"data.num_workers={workers}",
            f"train.log_every={steps}", f"train.checkpoint_every={steps}"]
     with (out.parent / f"{out.name}.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         tail = (out.parent / f"{out.name}.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{ds_config}: training failed ({proc.returncode})\n{tail}")
@@ -83,12 +91,13 @@ def model_state_mb(config: Path) -> dict:
     trainable = sum(p.numel() for p in model.trainable_parameters())
     everything = sum(p.numel() for p in model.parameters())
     params, grads, adam = everything, trainable, 2 * trainable
+    master = trainable  # DeepSpeed's ZeRO optimisers keep an fp32 master partition beside the module's params
     mb = BYTES_FP32 / 2**20
     per_stage = {
         0: params + grads + adam,
-        1: params + grads + adam / RANKS,
-        2: params + (grads + adam) / RANKS,
-        3: (params + grads + adam) / RANKS,
+        1: params + grads + (master + adam) / RANKS,
+        2: params + (grads + master + adam) / RANKS,
+        3: (params + grads + master + adam) / RANKS,
     }
     return {"trainable_params": trainable, "all_params": everything,
             "model_state_mb_per_rank": {f"zero{k}": round(v * mb) for k, v in per_stage.items()}}
@@ -96,7 +105,7 @@ def model_state_mb(config: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--mem-steps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
@@ -126,7 +135,8 @@ def main() -> None:
             for stage in STAGES:
                 if stage == 0 and args.gpu:
                     continue
-                records = run(tmp / f"mid_z{stage}", mid, f"zero{stage}{suffix}.json", spec, args.mem_steps, 0)
+                records = run(tmp / f"mid_z{stage}", mid, f"zero{stage}{suffix}.json", spec, args.mem_steps, 0,
+                              env=MEMORY_ENV)
                 now = [round(recs[-1]["mem_mb"]) for recs in records]
                 peak = [round(recs[-1]["peak_mem_mb"]) for recs in records]
                 result["memory_mid"][f"zero{stage}_mb_per_rank"] = {"after_steps": now, "peak": peak}

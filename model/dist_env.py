@@ -3,12 +3,15 @@
 `deepspeed` and `torchrun` export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT themselves. A task started by `srun` only has Slurm's variables; this
 module derives the torch ones from them so `srun python model/train.py ...` needs
-no wrapper. Variables already set are never overwritten.
+no wrapper. A plain `python model/train.py ...` (no launcher, no job step; also
+inside a batch script without srun) is one process: world size 1. Variables
+already set are never overwritten.
 """
 from __future__ import annotations
 
 import os
 import re
+import socket
 from typing import Mapping, MutableMapping
 
 # MASTER_PORT when neither it nor a job id is given (torch's usual default).
@@ -43,8 +46,12 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
-    """The torch.distributed variables a Slurm task implies (empty outside a Slurm step)."""
-    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+    """The torch.distributed variables a Slurm task implies (empty outside a Slurm job step).
+
+    Only `srun` tasks (which have SLURM_STEP_ID) count: a batch script's own shell
+    also has SLURM_PROCID=0 and SLURM_NTASKS=N, but it is one process.
+    """
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
         return {}
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
@@ -63,10 +70,21 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def single_process_rendezvous() -> dict[str, str]:
+    """World size 1 on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def apply_slurm_env(env: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-    """Fill missing torch.distributed variables from Slurm's; returns what was set."""
+    """Fill missing torch.distributed variables: from Slurm's in an `srun` task, else for one
+    process; returns what was set."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return {}
-    derived = {k: v for k, v in slurm_rendezvous(env).items() if k not in env}
+    derived = slurm_rendezvous(env) or single_process_rendezvous()
+    derived = {k: v for k, v in derived.items() if k not in env}
     env.update(derived)
     return derived

@@ -14,6 +14,7 @@ import contextlib
 import os
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -25,8 +26,6 @@ EXPORT_NAME = "albef.pth"
 def _gathered(module: torch.nn.Module, zero_stage: int):
     if zero_stage != 3:
         return contextlib.nullcontext()
-    import deepspeed
-
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 

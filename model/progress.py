@@ -58,11 +58,33 @@ class Throughput:
         }
 
 
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+RESET_PEAK_RSS = "5"  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak measurement (the trainer does so when its training loop begins, so
+    start-up transients such as DeepSpeed flattening the parameters are not counted)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PROC_CLEAR_REFS.write_text(RESET_PEAK_RSS)
+    except OSError:
+        pass  # not Linux, or not permitted: the peak then covers the whole process life
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank so far: allocated GPU memory, or the process's peak RSS on CPU
-    (which includes start-up transients such as DeepSpeed flattening the parameters)."""
+    """Peak memory of this rank since the last reset: allocated GPU memory, or peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

@@ -10,8 +10,19 @@ section, paper values by default (spec section 3); the DeepSpeed JSON says how
 the engine runs (ZeRO stage, precision). Batch settings and the queue size are
 checked against each other before any data is read.
 
+Per optimiser step: the forward runs under DeepSpeed's torch_autocast (bf16 on
+GPUs; the module, the momentum copies and the queues stay fp32), the
+optimiser's master copy of the temperature is clamped like the module's, and
+every rank appends a record (losses, queue and momentum checksums, batch
+fingerprint, memory) to logs/records_rank{R}.jsonl. Every `train.log_every`
+steps rank 0 prints the progress line and writes metrics; every
+`train.checkpoint_every` steps (and at the end, and on a stop request) all
+ranks write a checkpoint; with `train.eval_annotation` set, zero-shot ITC
+retrieval on that held-out set every `train.eval_every` steps. At the end:
+export/albef.pth (released layout) and plots.
+
 Run folder: config.yaml, ds_config.json, checkpoints/, logs/ (metrics.csv,
-tb/, records_rank{R}.jsonl), plots/, export/albef.pth.
+eval.csv, tb/, records_rank{R}.jsonl), plots/, export/albef.pth.
 """
 from __future__ import annotations
 
@@ -33,16 +44,21 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                             safe_set_local_fp32_param)
 
 from model.albef import ALBEF, text_settings_from_tokenizer
 from model.checkpointing import CheckpointManager, capture_rng, complete_tags, restore_rng
+from model.checksums import QUEUE_BUFFERS, batch_fingerprint, local_tensor, momentum_checksum, momentum_params, \
+    queue_checksum
 from model.config import load_config, save_config
 from model.dist_env import apply_slurm_env
 from model.engine_config import BatchPlan, load_ds_config, resolve_ds_config, zero_stage
 from model.export import export_engine
 from model.plot import plot_run
 from model.preemption import StopRequest
-from model.progress import MetricsLog, StepRecords, Throughput, memory_mb, peak_memory_mb, progress_line
+from model.progress import (MetricsLog, StepRecords, Throughput, memory_mb, peak_memory_mb, progress_line,
+                            reset_peak_memory)
 from model.retrieval_eval import evaluate_itc
 from model.schedule import LRSchedule, alpha_at
 from pipeline.annotations import RetrievalEvalDataset
@@ -51,7 +67,6 @@ from pipeline.tokenize import load_tokenizer
 from pipeline.transforms import ImageTransform
 
 LOSS_AND_METRIC_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "acc_itc", "acc_itm", "acc_mlm")
-QUEUE_BUFFERS = ("image_queue", "text_queue")
 REQUIRED = {
     "train": ("lr", "warmup_lr", "warmup_steps", "min_lr", "weight_decay", "epochs", "alpha",
               "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps", "betas", "eps", "seed",
@@ -137,35 +152,31 @@ def param_groups(params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    """This rank's data of a parameter: its ZeRO-3 partition, or the tensor itself."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+@torch.no_grad()
+def clamp_temperature(module: torch.nn.Module, low: float, high: float) -> None:
+    """Keep the optimiser's fp32 master copy of `temp` (and the module's) inside [low, high].
 
-
-def queue_checksum(module: torch.nn.Module) -> float:
-    """Position-sensitive fingerprint of the feature queues (equal on every rank when in sync)."""
-    total = 0.0
-    for name in QUEUE_BUFFERS:
-        q = getattr(module.queue, name)  # [D, Q]
-        cols = q.sum(0, dtype=torch.float64)
-        weights = torch.arange(1, cols.numel() + 1, dtype=torch.float64, device=cols.device)
-        total += float((cols * weights).sum()) / cols.numel()
-    return total
-
-
-def momentum_params(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for _, momentum in module.momentum_modules() for p in momentum.parameters()]
-
-
-def momentum_checksum(module: torch.nn.Module) -> float:
-    """Sum of this rank's momentum-model data (its partitions under ZeRO-3)."""
-    return float(sum(local_tensor(p).sum(dtype=torch.float64) for p in momentum_params(module)))
-
-
-def batch_fingerprint(input_ids: torch.Tensor) -> int:
-    """Identifies which captions a batch holds (for resume checks), independent of padding."""
-    weights = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
-    return int((input_ids * weights).sum())
+    The reference clamps `temp` in place at every forward, so the clamped value is
+    what the next update starts from. Under ZeRO-1/2/3 the optimiser updates its
+    own fp32 master copy and writes it back after each step; the forward's clamp
+    never reaches that copy (under ZeRO-3 it only touches a gathered, discarded
+    copy), which could drift past the bound. Called after every optimiser step,
+    on every rank (collective under ZeRO-1/2). (DeepSpeed 0.19.8's full-parameter
+    setter fails for a ZeRO-3 parameter smaller than the world size, hence the
+    local partition API there.)
+    """
+    temp = module.temp
+    if hasattr(temp, "ds_id"):  # ZeRO-3: each rank clamps its partition (padding included, unused)
+        safe_set_local_fp32_param(temp, safe_get_local_fp32_param(temp).clamp(low, high))
+        temp.ds_tensor.clamp_(low, high)
+        return
+    master = safe_get_full_fp32_param(temp)  # None without a ZeRO optimiser: the forward's clamp persists
+    if master is None:
+        return
+    clamped = master.clamp(low, high)
+    if not torch.equal(clamped, master):
+        safe_set_full_fp32_param(temp, clamped)
+        temp.clamp_(low, high)
 
 
 class Trainer:
@@ -337,6 +348,7 @@ class Trainer:
                   + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""), flush=True)
         self.engine.train()
         batches = iter(self.loader)
+        reset_peak_memory(self.device)
         self.throughput.reset()
         window: dict[str, float] = {}
         step_sums: dict[str, float] = {}
@@ -371,6 +383,7 @@ class Trainer:
                     step_sums[key] = step_sums.get(key, 0.0) + float(out[key].detach()) / accum
             if self.micro_step % accum:
                 continue
+            clamp_temperature(self.module, self.cfg["model"]["temp_min"], self.cfg["model"]["temp_max"])
             self.step += 1
             self.throughput.add_step(self.plan.global_batch)
             self.records.write({

@@ -53,8 +53,8 @@ def test_expand_nodelist():
 
 
 def test_slurm_env_fills_missing_only():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"}
+    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"}
     derived = slurm_rendezvous(env)
     assert derived["RANK"] == "5" and derived["WORLD_SIZE"] == "16" and derived["LOCAL_RANK"] == "1"
     assert derived["LOCAL_WORLD_SIZE"] == "8" and derived["MASTER_ADDR"] == "gpu12"
@@ -65,6 +65,14 @@ def test_slurm_env_fills_missing_only():
     launched = {**env, "RANK": "0", "WORLD_SIZE": "2"}  # a launcher already set them
     assert apply_slurm_env(launched) == {} and launched["RANK"] == "0"
     assert slurm_rendezvous({}) == {}
+
+
+def test_batch_shell_and_plain_python_are_one_process():
+    batch_shell = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu[12-13]"}
+    assert slurm_rendezvous(batch_shell) == {}
+    apply_slurm_env(batch_shell)
+    assert batch_shell["WORLD_SIZE"] == "1" and batch_shell["RANK"] == "0"
+    assert batch_shell["MASTER_ADDR"] == "127.0.0.1"
 
 
 # ---------------------------------------------------------------- DeepSpeed config checks
@@ -226,3 +234,37 @@ def test_metrics_resume_truncates_then_plot(tmp_path):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert plot_main([str(tmp_path / "missing")]) == 1
+
+
+# ---------------------------------------------------------------- run configs
+def test_pretrain_configs_differ_by_data_and_schedule_only():
+    from model.config import load_config
+    from model.train import check_run_config, expand_env
+
+    c4 = load_config(REPO / "configs" / "pretrain_4m.yaml")
+    c14 = load_config(REPO / "configs" / "pretrain_14m.yaml")
+    for cfg in (c4, c14):
+        check_run_config(cfg)
+        assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["warmup_steps"] == 2000 and cfg["train"]["epochs"] == 30
+        assert cfg["train"]["batch_size_per_rank"] == 64 and cfg["model"]["queue_size"] == 65536
+    assert c4["model"] == c14["model"]
+    differing = {k for k in c4["train"] if c4["train"][k] != c14["train"].get(k)}
+    assert differing <= {"output_dir", "checkpoint_every"}
+    sources4 = expand_env(c4["data"]["shards"], env={}).split("::")
+    sources14 = expand_env(c14["data"]["shards"], env={"ALBEF_DATA": "/data"}).split("::")
+    assert sources4 == [f"data/{s}/*.tar" for s in ("cc3m", "cc3m_val", "sbu", "coco", "vg")]
+    assert sources14 == [f"/data/{s}/*.tar" for s in ("cc3m", "cc3m_val", "sbu", "coco", "vg", "cc12m")]
+
+
+def test_config_errors_name_the_setting():
+    from model.config import load_config
+    from model.train import check_run_config, expand_env
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(ValueError, match="data.shards is not set"):
+        check_run_config(cfg)
+    del cfg["train"]["keep_checkpoints"]
+    with pytest.raises(ValueError, match="train.keep_checkpoints"):
+        check_run_config(cfg)
+    with pytest.raises(ValueError, match=r"\$\{SHARD_ROOT\}, which is not set"):
+        expand_env("${SHARD_ROOT}/a.tar", env={})

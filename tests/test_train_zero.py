@@ -34,13 +34,17 @@ STAGE_STEPS = 4           # ZeRO-1 / ZeRO-3 runs
 ENQUEUE = 16              # 2 ranks x 8 columns per step
 QUEUE_SIZE = 64           # configs/tiny.yaml
 ZERO2_OVERRIDES = (f"train.checkpoint_every={CHECKPOINT_EVERY}", "data.num_workers=1")
+TEMP = 0.07               # configs/tiny.yaml's initial temperature
+# The ZeRO-1 and ZeRO-3 runs pin the temperature clamp to its initial value: the optimiser's
+# master copy must then stay there too (the reference's in-place clamp), or the export shows drift.
+PINNED_TEMP = (f"model.temp_min={TEMP}", f"model.temp_max={TEMP}")
 
 
 @pytest.fixture(scope="module")
 def zero1_run(tmp_path_factory, train_shards):
     out = tmp_path_factory.mktemp("zero1")
     launch_training(out, "zero1_cpu.json", train_shards.spec, max_steps=STAGE_STEPS,
-                    overrides=("data.num_workers=0",))
+                    overrides=("data.num_workers=0", *PINNED_TEMP))
     return out
 
 
@@ -52,7 +56,7 @@ def zero3_run(tmp_path_factory, train_shards):
     write_shapes_dataset(held_out, train_per_scene=1)
     launch_training(out, "zero3_cpu_bf16.json", train_shards.spec, max_steps=STAGE_STEPS,
                     overrides=("data.num_workers=0", f"train.eval_annotation={held_out / 'test.json'}",
-                               f"train.eval_image_root={held_out}", "train.eval_every=2"))
+                               f"train.eval_image_root={held_out}", "train.eval_every=2", *PINNED_TEMP))
     return out
 
 
@@ -127,12 +131,14 @@ def _check_training(run_dir: Path, steps: int) -> dict[int, list[dict]]:
     return records
 
 
-def _check_export(run_dir: Path, steps: int) -> None:
+def _check_export(run_dir: Path, steps: int, pinned_temp: bool = False) -> None:
     ckpt = torch.load(run_dir / "export" / "albef.pth", map_location="cpu", weights_only=False)
     sd = ckpt["model"]
     assert ckpt["step"] == steps
     assert sd["queue_ptr"].dtype == torch.long and int(sd["queue_ptr"]) == (ENQUEUE * steps) % QUEUE_SIZE
     assert sd["temp"].shape == () and sd["image_queue"].dtype == torch.float32
+    if pinned_temp:
+        assert torch.equal(sd["temp"], torch.tensor(TEMP)), float(sd["temp"])
     assert any(k.startswith("visual_encoder_m.") for k in sd) and any(k.startswith("text_encoder_m.") for k in sd)
     model = ALBEF(ckpt["config"]["model"])
     report = load_albef_state_dict(model, ckpt)
@@ -145,7 +151,7 @@ def _check_export(run_dir: Path, steps: int) -> None:
 def test_zero1_trains(zero1_run):
     records = _check_training(zero1_run, STAGE_STEPS)
     assert records[0][0]["zero_stage"] == 1
-    _check_export(zero1_run, STAGE_STEPS)
+    _check_export(zero1_run, STAGE_STEPS, pinned_temp=True)
 
 
 @pytest.mark.timeout(300)
@@ -174,7 +180,7 @@ def test_zero3_bf16_autocast_moves_fp32_momentum_partitions(zero3_run):
     assert ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     # each rank holds different partitions of the momentum model, and each one moved
     assert start["momentum_checksum"] != records[1][0]["momentum_checksum"]
-    _check_export(zero3_run, STAGE_STEPS)
+    _check_export(zero3_run, STAGE_STEPS, pinned_temp=True)
     # zero-shot ITC retrieval ran at steps 2 and 4 on both ranks (collective under ZeRO-3), same numbers
     evals = {rank: [r for r in recs if r.get("event") == "eval"] for rank, recs in records.items()}
     assert [e["step"] for e in evals[0]] == [2, 4] and evals[0] == [{**e, "rank": 0} for e in evals[1]]
