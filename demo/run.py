@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     data, shards, run = out / "data", out / "shards", out / "run"
     python = sys.executable
     started = time.time()
+    for folder in (data, shards, run):  # each demo starts afresh: pretraining refuses a folder with checkpoints
+        shutil.rmtree(folder, ignore_errors=True)
 
     print(f"[demo 1/4] generating {args.train_pairs} training pairs and {args.test_pairs} held-out pairs", flush=True)
     print(json.dumps(make(data, args.train_pairs, args.test_pairs)))
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     deepspeed = str(Path(python).parent / "deepspeed")
     sh([deepspeed, "--num_gpus", "2", "model/train.py", "--config", args.config,
         "--deepspeed_config", args.deepspeed_config, "--output-dir", str(run),
-        f"data.shards={shards}/*.tar", *args.overrides])
+        f"data.shards={shards}/*.tar", f"train.eval_annotation={data / 'test.json'}",
+        f"train.eval_image_root={data}", *args.overrides])
 
     print("[demo 4/4] zero-shot retrieval on the held-out split, plots", flush=True)
     result = run / "retrieval_demo.json"

@@ -72,7 +72,7 @@ REQUIRED = {
               "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps", "betas", "eps", "seed",
               "output_dir", "log_every", "checkpoint_every", "keep_checkpoints", "stop_signals",
               "dist_timeout_s", "eval_annotation", "eval_image_root", "eval_every", "eval_max_tokens"),
-    "data": ("shards", "num_workers", "resampled", "shuffle_buffer"),
+    "data": ("shards", "num_workers", "resampled", "shuffle_buffer", "augment"),
 }
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -145,10 +145,13 @@ def seed_everything(seed: int) -> None:
 
 
 def param_groups(params, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices only, none on biases and other 1-D (or 0-D) tensors."""
+    """AdamW groups: no weight decay on biases and other 1-D tensors, as the reference.
+
+    The reference exempts exactly the 1-D parameters, so the 0-D temperature is decayed.
+    """
     decay, no_decay = [], []
     for p in params:
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (no_decay if p.ndim == 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -269,7 +272,8 @@ class Trainer:
                            world_size=self.world, num_workers=dcfg["num_workers"], seed=tcfg["seed"],
                            train=True, image_res=self.cfg["model"]["vision"]["image_res"],
                            max_tokens=tcfg["max_tokens"], resampled=dcfg["resampled"],
-                           shuffle_buffer=dcfg["shuffle_buffer"], pin_memory=self.use_cuda)
+                           shuffle_buffer=dcfg["shuffle_buffer"], augment=dcfg["augment"],
+                           pin_memory=self.use_cuda)
 
     def _build_eval_set(self) -> RetrievalEvalDataset | None:
         tcfg = self.cfg["train"]

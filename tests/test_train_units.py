@@ -268,3 +268,15 @@ def test_config_errors_name_the_setting():
         check_run_config(cfg)
     with pytest.raises(ValueError, match=r"\$\{SHARD_ROOT\}, which is not set"):
         expand_env("${SHARD_ROOT}/a.tar", env={})
+
+
+def test_weight_decay_spares_exactly_the_1d_parameters():
+    """As the reference's add_weight_decay: biases and norms are exempt, the 0-d temperature is not."""
+    from model.train import param_groups
+
+    weight, bias, temp = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3)), \
+        torch.nn.Parameter(torch.tensor(0.07))
+    decay, no_decay = param_groups([weight, bias, temp], 0.02)
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert [p is weight or p is temp for p in decay["params"]] == [True, True]
+    assert len(no_decay["params"]) == 1 and no_decay["params"][0] is bias
