@@ -88,3 +88,25 @@ def apply_slurm_env(env: MutableMapping[str, str] = os.environ) -> dict[str, str
     derived = {k: v for k, v in derived.items() if k not in env}
     env.update(derived)
     return derived
+
+
+def init_engine_process_group(local_rank_arg: int | None, timeout_s: float):
+    """Join the process group of a DeepSpeed job on this rank's device.
+
+    Returns (rank, world_size, device); CUDA with NCCL where a GPU is present,
+    otherwise the CPU with gloo.
+    """
+    import datetime
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg or 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device

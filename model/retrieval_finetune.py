@@ -31,9 +31,7 @@ seeding, DeepSpeed start-up workaround), `model/engine_config.py`,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import time
 from pathlib import Path
 
@@ -41,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from model.dist_env import apply_slurm_env
+from model.dist_env import apply_slurm_env, init_engine_process_group
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "acc_itc", "acc_itm")
 
@@ -71,14 +69,8 @@ class RetrievalFinetuner:
         if not dcfg["train_file"]:
             raise ValueError("data.train_file is empty: give the Karpathy train annotation file(s)")
         self.config_name = Path(args.config).stem
-        self.use_cuda = torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-        if self.use_cuda:
-            torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo",
-                                   timeout=datetime.timedelta(seconds=tcfg["dist_timeout_s"]))
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", local_rank) if self.use_cuda else torch.device("cpu")
+        self.rank, self.world, self.device = init_engine_process_group(args.local_rank, tcfg["dist_timeout_s"])
+        self.use_cuda = self.device.type == "cuda"
         self.out_dir = Path(args.output_dir or tcfg["output_dir"])
 
         self.plan = BatchPlan(micro_batch=tcfg["batch_size_per_rank"],

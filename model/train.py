@@ -27,7 +27,6 @@ eval.csv, tb/, records_rank{R}.jsonl), plots/, export/albef.pth.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -52,7 +51,7 @@ from model.checkpointing import CheckpointManager, capture_rng, complete_tags, r
 from model.checksums import QUEUE_BUFFERS, batch_fingerprint, local_tensor, momentum_checksum, momentum_params, \
     queue_checksum
 from model.config import load_config, save_config
-from model.dist_env import apply_slurm_env
+from model.dist_env import apply_slurm_env, init_engine_process_group
 from model.engine_config import BatchPlan, load_ds_config, resolve_ds_config, zero_stage
 from model.export import export_engine
 from model.plot import plot_run
@@ -202,14 +201,8 @@ class Trainer:
         # Installed first: a stop request that arrives during start-up is served after the first step.
         self.stop = StopRequest(Path(args.stop_file) if args.stop_file else self.out_dir / "stop_requested",
                                 tuple(tcfg["stop_signals"]))
-        self.use_cuda = torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-        if self.use_cuda:
-            torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo",
-                                   timeout=datetime.timedelta(seconds=tcfg["dist_timeout_s"]))
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", local_rank) if self.use_cuda else torch.device("cpu")
+        self.rank, self.world, self.device = init_engine_process_group(args.local_rank, tcfg["dist_timeout_s"])
+        self.use_cuda = self.device.type == "cuda"
 
         self.plan = BatchPlan(micro_batch=tcfg["batch_size_per_rank"],
                               grad_accum=tcfg["gradient_accumulation_steps"],

@@ -26,9 +26,7 @@ from pipeline.serve_images import NOT_AN_IMAGE, serve_folder
 from pipeline.sources import (
     EMPTY_CAPTION, INVALID_URL, MALFORMED_ROW, MISSING_URL, NOT_UTF8, SourceRows,
 )
-from tests.fixtures.http_images import (  # noqa: F401 - fixtures used by name
-    CLIENT_TIMEOUT, IMAGES, image_folder, image_server, make_images,
-)
+from tests.fixtures.http_images import CLIENT_TIMEOUT, IMAGES, make_images
 
 REPO = Path(__file__).resolve().parents[1]
 PER_SHARD = 8
