@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from model.checkpointing import LATEST, tag_for_step
-from tests.fixtures.training import REPO, TINY_CONFIG, read_records, steps_of
+from tests.fixtures.training import RANKS, REPO, TINY_CONFIG, read_records, steps_of
 
 MAX_STEPS = 30
 SIGNAL_AFTER_STEP = 3
@@ -46,10 +46,10 @@ def test_sbatch_pretrain_trains_checkpoints_requeues_and_resumes(slurm_cluster, 
     log = tmp_path / f"slurm-{job}.out"
 
     def trained_some_steps():
-        path = out / "logs" / "records_rank0.jsonl"
+        ranks_started = all((out / "logs" / f"records_rank{r}.jsonl").exists() for r in range(RANKS))
         if slurm_cluster.job_state(job) in ("FAILED", "CANCELLED", "COMPLETED", "TIMEOUT"):
             pytest.fail(f"job ended early: {slurm_cluster.job_state(job)}\n{log.read_text(errors='replace')[-4000:]}")
-        return path.exists() and any(r.get("step", 0) >= SIGNAL_AFTER_STEP for r in steps_of(
+        return ranks_started and any(r.get("step", 0) >= SIGNAL_AFTER_STEP for r in steps_of(
             read_records(out)[0]).values())
 
     slurm_cluster.wait_for(trained_some_steps, 200, "the first training steps")
