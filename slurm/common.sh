@@ -70,6 +70,9 @@ trap on_warning USR1
 echo "albef: $(date -Is) job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
      "$ALBEF_PYTHON model/train.py ${TRAIN_ARGS[*]}"
 
+# Each srun task derives its rendezvous from Slurm's variables (model/dist_env.py); torch
+# variables inherited from the submitting shell describe some other process.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 # In the background so that the trap runs as soon as the signal arrives
 # (bash defers traps until a foreground command returns).
 # shellcheck disable=SC2086

@@ -1,6 +1,8 @@
 """Shared test setup: offline environment and the fixture modules of each area."""
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -14,3 +16,13 @@ pytest_plugins = [
     "tests.fixtures.slurm",
     "tests.fixtures.training",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process entry points (e.g. `model.retrieval.main`) fill RANK/WORLD_SIZE/MASTER_PORT
+    for a single process; no test may hand them on to the next one's subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
