@@ -2,7 +2,8 @@
 
 Reads `RUN_DIR/logs/metrics.csv` (written by `model/train.py`) and writes
 `RUN_DIR/plots/loss.png` (total, ITC, ITM, MLM) and `RUN_DIR/plots/throughput.png`
-(samples/s and data-wait fraction).
+(samples/s and data-wait fraction); with `logs/eval.csv` (zero-shot retrieval
+during training) also `RUN_DIR/plots/retrieval.png`.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from model.progress import EVAL_CSV_NAME  # noqa: E402
+
 LOSS_CURVES = (("loss", "total"), ("loss_itc", "ITC"), ("loss_itm", "ITM"), ("loss_mlm", "MLM"))
+RETRIEVAL_CURVES = (("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("img_r1", "IR@1"), ("img_r5", "IR@5"))
 
 
-def read_metrics(run_dir: Path) -> dict[str, list[float]]:
-    """Columns of `logs/metrics.csv` as float lists (the last row wins for a repeated step)."""
-    path = run_dir / "logs" / "metrics.csv"
+def read_metrics(run_dir: Path, name: str = "metrics.csv") -> dict[str, list[float]]:
+    """Columns of `logs/<name>` as float lists (the last row wins for a repeated step)."""
+    path = run_dir / "logs" / name
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}: is {run_dir} a training run folder?")
     by_step: dict[int, dict[str, str]] = {}
@@ -71,7 +75,29 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(thr_png, dpi=120)
     plt.close(fig)
-    return [loss_png, thr_png]
+    written = [loss_png, thr_png]
+    if (run_dir / "logs" / EVAL_CSV_NAME).is_file():
+        written.append(plot_retrieval(run_dir, out_dir))
+    return written
+
+
+def plot_retrieval(run_dir: Path, out_dir: Path) -> Path:
+    """Zero-shot ITC retrieval during training (`train.eval_annotation`), R@K against steps."""
+    cols = read_metrics(run_dir, EVAL_CSV_NAME)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in RETRIEVAL_CURVES:
+        if key in cols:
+            ax.plot(cols["step"], cols[key], marker="o", label=label)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("recall (%)")
+    ax.set_title(f"{run_dir.name}: zero-shot retrieval on the held-out set (ITC only)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = out_dir / "retrieval.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,6 +234,13 @@ def test_metrics_resume_truncates_then_plot(tmp_path):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert plot_main([str(tmp_path / "missing")]) == 1
+    assert not (tmp_path / "plots" / "retrieval.png").exists()  # no evaluation logged: no retrieval plot
+    log = MetricsLog(tmp_path / "logs", resume_step=5)
+    for step, r1 in ((2, 5.0), (5, 20.0)):
+        log.write_eval(step, {"txt_r1": r1, "txt_r5": 2 * r1, "img_r1": r1, "img_r5": 2 * r1})
+    log.close()
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "plots" / "retrieval.png").stat().st_size > 5000
 
 
 # ---------------------------------------------------------------- run configs
