@@ -45,19 +45,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = cols["step"]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in LOSS_CURVES:
-        if key in cols:
-            ax.plot(steps, cols[key], label=label)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{run_dir.name}: pretraining losses")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    loss_png = out_dir / "loss.png"
-    fig.tight_layout()
-    fig.savefig(loss_png, dpi=120)
-    plt.close(fig)
+    loss_png = _curves(cols, LOSS_CURVES, "loss", f"{run_dir.name}: pretraining losses", out_dir / "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(steps, cols["samples_per_s"], color="tab:blue", label="samples/s")
@@ -83,17 +71,22 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def plot_retrieval(run_dir: Path, out_dir: Path) -> Path:
     """Zero-shot ITC retrieval during training (`train.eval_annotation`), R@K against steps."""
-    cols = read_metrics(run_dir, EVAL_CSV_NAME)
+    return _curves(read_metrics(run_dir, EVAL_CSV_NAME), RETRIEVAL_CURVES, "recall (%)",
+                   f"{run_dir.name}: zero-shot retrieval on the held-out set (ITC only)",
+                   out_dir / "retrieval.png", marker="o")
+
+
+def _curves(cols: dict[str, list[float]], curves, ylabel: str, title: str, path: Path, marker=None) -> Path:
+    """One figure of `(column, label)` curves against the step column."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in RETRIEVAL_CURVES:
+    for key, label in curves:
         if key in cols:
-            ax.plot(cols["step"], cols[key], marker="o", label=label)
+            ax.plot(cols["step"], cols[key], marker=marker, label=label)
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("recall (%)")
-    ax.set_title(f"{run_dir.name}: zero-shot retrieval on the held-out set (ITC only)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out_dir / "retrieval.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
