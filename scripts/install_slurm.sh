@@ -12,7 +12,16 @@ have_all() {
         && command -v sbatch >/dev/null && command -v munged >/dev/null
 }
 
+ensure_munge_key() {
+    # The munge package makes its key at install time; a machine that lost it gets a new one.
+    if command -v mungekey >/dev/null && [ ! -f /etc/munge/munge.key ] && [ "$(id -u)" -eq 0 ]; then
+        mungekey --create --keyfile=/etc/munge/munge.key && chown munge:munge /etc/munge/munge.key \
+            && chmod 400 /etc/munge/munge.key && echo "install_slurm: created /etc/munge/munge.key"
+    fi
+}
+
 if have_all; then
+    ensure_munge_key
     echo "install_slurm: already installed"
     exit 0
 fi
@@ -28,6 +37,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq || echo "install_slurm: apt-get update failed; trying the cached package lists"
 if apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"; then
+    ensure_munge_key
     echo "install_slurm: installed ${PACKAGES[*]}"
 else
     echo "install_slurm: apt-get install failed; the Slurm test will be skipped"
