@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/download.py
 
 clean:
 	rm -rf runs/demo
