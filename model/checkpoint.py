@@ -170,6 +170,16 @@ def _tied_aliases(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def _fold_tied(mapped: dict[str, torch.Tensor], aliases: dict[str, str], conflicts: list[str]) -> None:
+    """Keep one value per shared Parameter (under its first name); differing copies are conflicts."""
+    for alias, first in aliases.items():
+        if alias in mapped and first in mapped and not _same(mapped[alias], mapped[first]):
+            conflicts.append(f"{alias} differs from {first}, to which it is tied")
+        elif alias in mapped:
+            mapped.setdefault(first, mapped[alias])
+        mapped.pop(alias, None)
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and (a.device.type == "meta" or torch.equal(a, b))
 
@@ -298,13 +308,7 @@ def load_albef_state_dict(model: "ALBEF", state: dict) -> LoadReport:
             continue
         mapped[target] = value
 
-    # tied weights: one value for all names of a shared Parameter
-    for alias, first in aliases.items():
-        if alias in mapped and first in mapped and not _same(mapped[alias], mapped[first]):
-            conflicts.append(f"{alias} differs from {first}, to which it is tied")
-        elif alias in mapped:
-            mapped.setdefault(first, mapped[alias])
-        mapped.pop(alias, None)
+    _fold_tied(mapped, aliases, conflicts)
 
     # shapes
     queue_keys = [key for key in ours if key.startswith("queue.")]
@@ -463,11 +467,7 @@ def load_hf_bert(text_encoder: "TextFusionEncoder", s: TextSettings, name_or_pat
         if target in mapped and not _same(mapped[target], value):
             conflicts.append(f"{key} differs from the tensor it is tied to")
         mapped[target] = value
-    for alias, first in aliases.items():
-        if alias in mapped:
-            if first in mapped and not _same(mapped[alias], mapped[first]):
-                conflicts.append(f"{alias} (decoder) differs from {first}, to which it is tied")
-            mapped.pop(alias)
+    _fold_tied(mapped, aliases, conflicts)
     for key, value in mapped.items():
         if value.shape != ours[key].shape:
             conflicts.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}")

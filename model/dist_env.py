@@ -70,13 +70,17 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def single_process_rendezvous() -> dict[str, str]:
-    """World size 1 on a free loopback port."""
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def single_process_rendezvous() -> dict[str, str]:
+    """World size 1 on a free loopback port."""
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
 
 def apply_slurm_env(env: MutableMapping[str, str] = os.environ) -> dict[str, str]:

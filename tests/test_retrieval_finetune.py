@@ -7,7 +7,6 @@ generated scenes (`tests/fixtures/retrieval.py`): 20 scenes, so chance R@1 is
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 from model.albef import ALBEF
 from model.checkpoint import export_albef_state_dict
 from model.config import load_config
+from model.dist_env import free_port
 from model.retrieval import main as retrieval_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,12 +27,6 @@ VENV_BIN = Path(sys.executable).parent
 CHANCE_R1 = 5.0
 # Fine-tuned R@1 must reach this on the held-out test split (5x chance; runs here gave 40-58).
 MIN_R1 = 25.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -73,7 +67,7 @@ def finetuned(tmp_path_factory, shapes_data):
     config = work / "retrieval_tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = work / "run"
-    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
           str(REPO / "model" / "retrieval.py"), "finetune", "--config", str(config), "--checkpoint", str(init),
           "--deepspeed_config", str(REPO / "ds_configs" / "zero2_cpu.json"), "--output-dir", str(run)],
          timeout=300, log=work / "finetune.log")
@@ -109,7 +103,7 @@ def test_evaluation_on_two_ranks_equals_one_rank(finetuned):
                  "--device", "cpu"]
     _run([sys.executable, "-m", "model.retrieval", *eval_args, "--output", str(one)], timeout=120,
          log=work / "eval1.log")
-    _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
           "-m", "model.retrieval", *eval_args, "--output", str(two)], timeout=180, log=work / "eval2.log")
     r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
     assert (r1["world_size"], r2["world_size"]) == (1, 2)
