@@ -6,7 +6,7 @@
 
 Each run builds the model with random weights, a synthetic evaluation set of
 N images with 5 captions each (random pixels, random in-vocabulary words at the
-retrieval text length) and times `model.retrieval_eval.evaluate` phase by
+retrieval text length) and times `model.tasks.retrieval_eval.evaluate` phase by
 phase: unimodal features, ITC + ITM re-ranking of the top-k, metrics. Every
 run is its own subprocess so its peak memory is its own. The cost model:
 
@@ -39,10 +39,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from model.albef import ALBEF  # noqa: E402
-from model.config import load_config  # noqa: E402
-from model.retrieval_eval import evaluate  # noqa: E402
-from model.retrieval_metrics import retrieval_metrics  # noqa: E402
-from model.retrieval_weights import retrieval_model_config  # noqa: E402
+from model.engine.config import load_config  # noqa: E402
+from model.tasks.retrieval_eval import evaluate  # noqa: E402
+from model.tasks.retrieval_metrics import retrieval_metrics  # noqa: E402
+from model.weights.files import retrieval_model_config  # noqa: E402
 from pipeline.tokenize import load_tokenizer  # noqa: E402
 
 CAPTIONS_PER_IMAGE = 5   # COCO; Flickr30K has 5 too

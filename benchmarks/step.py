@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from model.albef import ALBEF  # noqa: E402
-from model.config import load_config  # noqa: E402
+from model.engine.config import load_config  # noqa: E402
 
 CONFIGS = {"tiny": REPO_ROOT / "configs" / "tiny.yaml", "base": REPO_ROOT / "configs" / "pretrain_base.yaml"}
 DEFAULT_BATCH = {"tiny": 8, "base": 2}   # base at 2 keeps a CPU run to seconds per step

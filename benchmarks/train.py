@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.progress import read_records  # noqa: E402
+from model.engine.progress import read_records  # noqa: E402
 from tests.fixtures.shards import brace_spec, write_shards  # noqa: E402
 
 RANKS = 2
@@ -85,7 +85,7 @@ def throughput(records: list[list[dict]], warmup: int, global_batch: int) -> dic
 def model_state_mb(config: Path) -> dict:
     """Analytic model-state bytes per rank for each stage (fp32 everything, AdamW)."""
     from model.albef import ALBEF
-    from model.config import load_config
+    from model.engine.config import load_config
 
     model = ALBEF(load_config(config)["model"])
     trainable = sum(p.numel() for p in model.trainable_parameters())

@@ -1,5 +1,5 @@
 """ALBEF model, training and evaluation. `model.ALBEF` is imported on first use,
-so that light modules (`model.config`) don't pull in torch and timm."""
+so that light modules (`model.engine.config`) don't pull in torch and timm."""
 
 
 def __getattr__(name: str):

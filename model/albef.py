@@ -1,8 +1,9 @@
 """ALBEF: align (ITC) before fuse (ITM, MLM), with momentum distillation.
 
-`ALBEF(cfg["model"], global_batch_size)` builds the online encoders (loading
-`vision.init` / `text.init` weights when set), their frozen fp32 momentum
-copies and the feature queues. A training forward (module in train mode):
+`ALBEF(cfg["model"], global_batch_size)` builds the online encoders, their
+frozen fp32 momentum copies and the feature queues, all randomly initialised;
+`model.weights.build_albef` also loads the `vision.init` / `text.init` weights
+(timm ViT / Hugging Face BERT). A training forward (module in train mode):
 
 1. clamp the temperature (no grad; pretraining only, as the reference, whose
    retrieval model never clamps it);
@@ -12,6 +13,9 @@ copies and the feature queues. A training forward (module in train mode):
 5. MLM on masked text, distilled from the momentum model (not in retrieval mode);
 6. enqueue the momentum features (all-gathered across ranks).
 
+The forward returns the loss terms as a dict (`loss_itc`, `loss_itm`, `loss_mlm`,
+with their graphs) and detached accuracies; the caller weighs and sums them
+(`model.losses.total_loss`; all weights 1.0 is the paper's objective).
 In eval mode the same losses are computed, without the EMA step and the enqueue.
 The random draws use `generator` when given, in this order: a negative image
 for each text, a negative text for each image, then the MLM masking.
@@ -26,22 +30,16 @@ the momentum copies and queues fp32), and call `sync_buffers()` once after it.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import load_hf_bert, load_vit_weights
 from model.encoders import build_text_encoder, build_vision_encoder
 from model.feature_queue import FeatureQueue
 from model.losses import (IGNORE_INDEX, itc_loss, itc_positives, itm_loss, mask_tokens, mlm_loss,
                           sample_negatives)
 from model.momentum import copy_online_to_momentum, ema_update, make_momentum_copies, parameter_pairs
 from model.settings import ALBEFSettings
-
-log = logging.getLogger(__name__)
-
 
 def text_settings_from_tokenizer(tokenizer) -> dict:
     """The ids the model needs from a tokenizer, to merge into `cfg["model"]["text"]`."""
@@ -64,14 +62,6 @@ class ALBEF(nn.Module):
         self.text_proj = nn.Linear(s.text.hidden_size, s.embed_dim)
         self.itm_head = nn.Linear(s.text.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(s.temp))
-
-        self.init_reports = []
-        if s.vision.init:
-            self.init_reports.append(load_vit_weights(self.visual_encoder, s.vision, s.vision.init))
-        if s.text.init:
-            self.init_reports.append(load_hf_bert(self.text_encoder, s.text, s.text.init))
-        for report in self.init_reports:
-            log.info("%s", report)
 
         (self.visual_encoder_m, self.vision_proj_m, self.text_encoder_m,
          self.text_proj_m) = make_momentum_copies(
@@ -168,7 +158,10 @@ class ALBEF(nn.Module):
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float, idx: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """image [B,3,H,W], input_ids/attention_mask [B,L], idx [B] (retrieval) -> losses and metrics."""
+        """image [B,3,H,W], input_ids/attention_mask [B,L], idx [B] (retrieval) -> loss terms and accuracies.
+
+        Keys: `loss_itc`, `loss_itm`, `loss_mlm` (not in retrieval mode), `acc_itc`, `acc_itm`, `acc_mlm`.
+        """
         s = self.settings
         if s.retrieval != (idx is not None):
             raise ValueError("idx (image id per sample) must be given exactly when model.retrieval is true")
@@ -194,19 +187,17 @@ class ALBEF(nn.Module):
         neg_text = sample_negatives(itc.sim_i2t[:, :bs].detach(), in_batch, generator)
         loss_itm, acc_itm = self.itm(image_tokens, text_tokens, attention_mask, neg_image, neg_text)
 
-        if s.retrieval:
-            loss_mlm = acc_mlm = torch.zeros((), device=image.device)
-        else:
+        out = {"loss_itc": itc.loss, "loss_itm": loss_itm, "acc_itc": itc.accuracy, "acc_itm": acc_itm}
+        if not s.retrieval:
             masked_ids, labels = mask_tokens(
                 input_ids, vocab_size=s.text.vocab_size, pad_token_id=s.text.pad_token_id,
                 cls_token_id=s.text.cls_token_id, mask_token_id=s.text.mask_token_id,
                 probability=s.mlm.probability, mask_fraction=s.mlm.mask_fraction,
                 random_fraction=s.mlm.random_fraction, generator=generator)
-            loss_mlm, acc_mlm = self.mlm(masked_ids, labels, attention_mask, image_tokens,
-                                         image_tokens_m, alpha)
+            out["loss_mlm"], acc_mlm = self.mlm(masked_ids, labels, attention_mask, image_tokens,
+                                                image_tokens_m, alpha)
+            out["acc_mlm"] = acc_mlm.detach()
 
         if self.training:
             self.queue.enqueue(image_feat_m, text_feat_m, idx)
-        return {"loss": itc.loss + loss_itm + loss_mlm,
-                "loss_itc": itc.loss.detach(), "loss_itm": loss_itm.detach(), "loss_mlm": loss_mlm.detach(),
-                "acc_itc": itc.accuracy, "acc_itm": acc_itm, "acc_mlm": acc_mlm.detach()}
+        return out

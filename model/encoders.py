@@ -5,7 +5,7 @@
   `torch.nn.functional.scaled_dot_product_attention`. Parameter shapes and the
   arithmetic follow BERT (post-LayerNorm, exact GELU, learned absolute
   positions, token type 0), so Hugging Face BERT weights load layer by layer
-  (`model.checkpoint`) without using any of transformers' layer classes.
+  (`model.weights.released`) without using any of transformers' layer classes.
   Layers 0..k-1 are text layers (self-attention, FFN); layers k.. are fusion
   layers (self-attention, cross-attention to image tokens, FFN).
 - MLM head: BERT's prediction head, decoder tied to the word embeddings.
@@ -80,20 +80,45 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
         self.dropout = nn.Dropout(s.hidden_dropout)
         self.attention_dropout = s.attention_dropout
+        self.keep_attention = False   # True: explicit softmax, probabilities kept in `attention_probs`
+        self.attention_probs: torch.Tensor | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B,S,H] -> [B,heads,S,H/heads]
         b, n, h = x.shape
         return x.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None) -> torch.Tensor:
-        # x [B,L,H]; context [B,S,W]; context_mask bool [B,1,1,S] (True = attend) or None (all)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
+                causal: bool = False) -> torch.Tensor:
+        # x [B,L,H]; context [B,S,W]; context_mask bool [B,1,1,S] (True = attend) or None (all);
+        # causal: position i attends to context positions <= i only (decoder self-attention)
         b, n, h = x.shape
-        out = F.scaled_dot_product_attention(
-            self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context)),
-            attn_mask=context_mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+        mask = context_mask
+        if causal:
+            lower = torch.ones(n, context.shape[1], dtype=torch.bool, device=x.device).tril()
+            mask = lower if mask is None else mask & lower
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if self.keep_attention:
+            out = self._explicit(q, k, v, mask, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(b, n, h)
         return self.norm(x + self.dropout(self.dense(out)))
+
+    def _explicit(self, q, k, v, mask, dropout_p: float) -> torch.Tensor:
+        """Attention with the softmax written out, keeping its probabilities [B,heads,L,S] and their gradient.
+
+        Used only when `keep_attention` is set (Grad-CAM needs the probabilities and
+        d(score)/d(probabilities), which SDPA does not expose); same result as SDPA.
+        """
+        scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if probs.requires_grad:
+            probs.retain_grad()
+        self.attention_probs = probs
+        return F.dropout(probs, dropout_p, self.training) @ v
 
 
 class FeedForward(nn.Module):

@@ -155,3 +155,9 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, soft_labels: torch.Ten
     distill = -(log_probs * soft_labels.float()).sum(-1).mean()
     accuracy = (logits.detach().argmax(-1) == targets).float().mean()
     return (1 - alpha) * ce + alpha * distill, accuracy
+
+
+def total_loss(terms: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Weighted sum of the `loss_*` entries of a model's output (weight 1.0 where none is given)."""
+    weights = weights or {}
+    return sum(weights.get(name, 1.0) * value for name, value in terms.items() if name.startswith("loss_"))

@@ -8,44 +8,83 @@ never later as a shape error deep inside a forward pass.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
 from dataclasses import dataclass
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 
-def _build(cls, data: Any, where: str):
-    """Instantiate dataclass `cls` from dict `data`, refusing unknown or missing keys."""
+def build_settings(cls, data: Any, where: str):
+    """Instantiate dataclass `cls` from dict `data`: unknown keys (with the closest known one named),
+    missing keys without a default and wrong types are refused with the dotted setting name."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                         f"known: {', '.join(sorted(fields))}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise ValueError(unknown_key_message(f"{where}.{key}", key, fields))
     values = {}
     for name, field in fields.items():
         if name not in data:
-            if field.default is not dataclasses.MISSING:
+            if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING:
                 continue
             raise ValueError(f"missing setting {where}.{name}")
-        value = data[name]
-        sub = hints[name]
-        if dataclasses.is_dataclass(sub):
-            value = _build(sub, value, f"{where}.{name}")
-        else:
-            value = _coerce(value, sub, f"{where}.{name}")
-        values[name] = value
+        values[name] = coerce(data[name], hints[name], f"{where}.{name}")
     out = cls(**values)
-    out.check(where)
+    check = getattr(out, "check", None)
+    if check is not None:
+        check(where)
     return out
 
 
-def _coerce(value: Any, hint: Any, where: str):
-    """Check a scalar against its annotation (int, float, bool, str, Optional[str])."""
-    if hint is Optional[str]:
-        if value is None or isinstance(value, str):
-            return value
-        raise ValueError(f"{where}={value!r} must be a string or null")
+
+def unknown_key_message(dotted: str, key: str, known) -> str:
+    """One line naming an unknown setting and the closest known one."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    hint = f"did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?" if close \
+        else f"known: {', '.join(sorted(known))}"
+    return f"unknown setting {dotted}; {hint}"
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce(value: Any, hint: Any, where: str):
+    """Check `value` against its annotation and return it (ints widen to floats; lists to tuples
+    where the annotation says tuple). Handles scalars, Optional/unions, list, tuple, dict, dataclasses."""
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return build_settings(hint, value, where)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except ValueError as err:
+                errors.append(err)
+        names = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+        raise ValueError(f"{where}={value!r} must be {names}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r} must be a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{where}={value!r} must have {len(args)} entries")
+            return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}={value!r} must be a mapping")
+        key_t, val_t = args or (Any, Any)
+        return {coerce(k, key_t, where): coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -192,4 +231,4 @@ class ALBEFSettings:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model") -> "ALBEFSettings":
-        return _build(cls, data, where)
+        return build_settings(cls, data, where)

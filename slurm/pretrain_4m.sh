@@ -6,7 +6,7 @@
 #
 # Resources: edit the #SBATCH lines or pass sbatch options (one task per GPU;
 # the paper used 8 GPUs x 64 = global batch 512; with more GPUs lower
-# train.batch_size_per_gpu through ALBEF_OVERRIDES to keep it).
+# train.batch_size_per_rank through ALBEF_OVERRIDES to keep it).
 # Shards: configs/pretrain_4m.yaml reads them under $ALBEF_DATA (default ./data:
 # $ALBEF_DATA/cc3m/*.tar, sbu/, coco/, vg/); or give a whole spec in ALBEF_SHARDS.
 # Other variables (output folder, DeepSpeed config, overrides, Python): see

@@ -1,7 +1,7 @@
 """Config loading: inheritance, deep merge, dotted overrides, refusal of bad input."""
 import pytest
 
-from model.config import apply_overrides, load_config
+from model.engine.config import apply_overrides, load_config
 
 
 def test_inherit_merges_and_overrides(tmp_path):

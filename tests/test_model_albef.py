@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.albef import ALBEF
-from model.losses import IGNORE_INDEX, mask_tokens, sample_negatives
+from model.losses import IGNORE_INDEX, mask_tokens, sample_negatives, total_loss
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -104,7 +104,9 @@ def test_training_forward_equals_spec_recomputation(tiny_albef, tiny_batch):
     assert out["loss_itc"].item() == pytest.approx(itc.item(), rel=1e-4)
     assert out["loss_itm"].item() == pytest.approx(itm.item(), rel=1e-4)
     assert out["loss_mlm"].item() == pytest.approx(mlm.item(), rel=1e-4)
-    assert out["loss"].item() == pytest.approx((itc + itm + mlm).item(), rel=1e-4)
+    assert total_loss(out).item() == pytest.approx((itc + itm + mlm).item(), rel=1e-4)
+    assert total_loss(out, {"loss_itm": 0.0, "loss_mlm": 2.0}).item() == pytest.approx((itc + 2 * mlm).item(),
+                                                                                       rel=1e-4)
     for key in ("acc_itc", "acc_itm", "acc_mlm"):
         assert 0.0 <= out[key].item() <= 1.0
     # then the momentum features were enqueued at columns 0..bs-1
@@ -162,7 +164,7 @@ def test_mlm_with_injected_masks_and_momentum_soft_labels(tiny_albef, tiny_batch
 def test_gradients_reach_the_online_model_and_never_the_momentum_model(tiny_albef, tiny_batch):
     model = tiny_albef
     out = model(*_inputs(tiny_batch), alpha=0.4)
-    out["loss"].backward()
+    total_loss(out).backward()
     trainable = model.trainable_named_parameters()
     momentum_ids = {id(p) for _, m in model.momentum_modules() for p in m.parameters()}
     assert {id(p) for _, p in trainable}.isdisjoint(momentum_ids)
@@ -247,7 +249,7 @@ def test_retrieval_mode_uses_image_ids_and_has_no_mlm(tiny_model_cfg, tiny_batch
     idx = torch.tensor([5, 5, 6, 7, 7, 7, 8, 9])
     out = model(*_inputs(tiny_batch), alpha=0.4, idx=idx)
     assert out["loss_mlm"].item() == 0.0
-    out["loss"].backward()
+    total_loss(out).backward()
     assert model.queue.idx_queue[0, :8].tolist() == idx.tolist()
     assert (model.queue.idx_queue[0, 8:] == -100).all()
     # a batch in which every caption belongs to the same image: no crash
@@ -340,8 +342,8 @@ def test_tiny_model_overfits_a_fixed_batch(tiny_albef, tiny_batch):
     for _ in range(100):
         out = model(*_inputs(tiny_batch), alpha=0.0, generator=torch.Generator().manual_seed(0))
         opt.zero_grad()
-        out["loss"].backward()
+        total_loss(out).backward()
         opt.step()
-        losses.append(out["loss"].item())
+        losses.append(total_loss(out).item())
     start, end = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert end < 0.25 * start, (start, end)

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.albef import ALBEF
-from model.checkpoint import (CheckpointMismatchError, export_albef_state_dict, load_albef_state_dict,
+from model.weights import build_albef
+from model.weights.released import (CheckpointMismatchError, export_albef_state_dict, load_albef_state_dict,
                               resize_pos_embed)
-from model.config import load_config
+from model.engine.config import load_config
 from tests.fixtures.model import BASE_CONFIG
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -221,7 +222,7 @@ def test_unexplained_keys_and_shapes_are_refused(tiny_model_cfg):
 def test_local_hf_bert_loads_layer_by_layer(tiny_model_cfg, hf_bert_dir):
     from transformers import BertForMaskedLM
     tiny_model_cfg["text"]["init"] = str(hf_bert_dir)
-    model = ALBEF(tiny_model_cfg).eval()
+    model = build_albef(tiny_model_cfg).eval()
     report = model.init_reports[0]
     cross = {k for k in model.text_encoder.state_dict() if ".cross_attn." in k}
     assert len(cross) == 2 * 10 and set(report.missing) == cross
@@ -257,7 +258,7 @@ def test_local_hf_bert_loads_layer_by_layer(tiny_model_cfg, hf_bert_dir):
 
 def test_bertmodel_checkpoint_without_head_loads_with_reasons(tiny_model_cfg, hf_bertmodel_dir):
     tiny_model_cfg["text"]["init"] = str(hf_bertmodel_dir)
-    report = ALBEF(tiny_model_cfg).init_reports[0]
+    report = build_albef(tiny_model_cfg).init_reports[0]
     assert any(k.startswith("bert.pooler.") for k in report.unexpected)
     assert any("no MLM head" in r for r in report.missing.values())
 
@@ -269,12 +270,12 @@ def test_hf_checkpoint_with_unknown_tensors_is_refused(tiny_model_cfg, hf_bert_d
     (tmp_path / "config.json").write_text((hf_bert_dir / "config.json").read_text())
     tiny_model_cfg["text"]["init"] = str(tmp_path)
     with pytest.raises(CheckpointMismatchError, match="rotary"):
-        ALBEF(tiny_model_cfg)
+        build_albef(tiny_model_cfg)
 
 
 def test_local_deit_file_loads_with_position_embedding_resized(tiny_model_cfg, deit_checkpoint):
     tiny_model_cfg["vision"]["init"] = str(deit_checkpoint)
-    model = ALBEF(tiny_model_cfg)
+    model = build_albef(tiny_model_cfg)
     report = model.init_reports[0]
     assert set(report.unexpected) == {"head.weight", "head.bias"}
     assert report.resized == {"pos_embed": "(1, 5, 64) -> (1, 17, 64)"}

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model.retrieval_eval import evaluate, evaluate_itc
-from model.retrieval_metrics import REASON_QUERY, REASON_TARGETS
+from model.tasks.retrieval_eval import evaluate, evaluate_itc
+from model.tasks.retrieval_metrics import REASON_QUERY, REASON_TARGETS
 from pipeline import annotations as ann
 from pipeline.tokenize import load_tokenizer
 from pipeline.transforms import ImageTransform

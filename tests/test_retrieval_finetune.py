@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from model.albef import ALBEF
-from model.checkpoint import export_albef_state_dict
-from model.config import load_config
-from model.dist_env import free_port
-from model.retrieval import main as retrieval_main
+from model.weights.released import export_albef_state_dict
+from model.engine.config import load_config
+from model.engine.dist_env import free_port
+from model.cli import evaluate_main
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -78,8 +78,8 @@ def finetuned(tmp_path_factory, shapes_data):
 def test_finetuning_raises_r1_well_above_chance(finetuned):
     run, config = finetuned["run"], finetuned["config"]
     before = finetuned["work"] / "before.json"
-    assert retrieval_main(["evaluate", "--checkpoint", str(finetuned["init"]), "--config", str(config),
-                           "--output", str(before), "--device", "cpu"]) == 0
+    assert evaluate_main(["--checkpoint", str(finetuned["init"]), "--config", str(config),
+                          "--output", str(before), "--device", "cpu"]) == 0
     m0 = json.loads(before.read_text())["metrics"]
     assert m0["txt_r1"] <= 3 * CHANCE_R1 and m0["img_r1"] <= 3 * CHANCE_R1
     # The epoch picked by val r_mean was exported with its held-out test result beside it.

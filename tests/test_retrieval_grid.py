@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from demo.make_data import make
-from model.retrieval_grid import draw_grid
+from model.tasks.retrieval_grid import draw_grid
 from pipeline.annotations import RetrievalEvalDataset
 
 

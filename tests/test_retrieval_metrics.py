@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from model.retrieval_metrics import (REASON_QUERY, REASON_TARGETS, format_table, pair_ranks,
+from model.tasks.retrieval_metrics import (REASON_QUERY, REASON_TARGETS, format_table, pair_ranks,
                                      retrieval_metrics)
 
 # 3 images; image 0 has captions 0,1; image 1 has caption 2; image 2 has captions 3,4.

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from model.albef import ALBEF
-from model.checkpoint import export_albef_state_dict
-from model.checkpointing import EXTRA_STATE
-from model.retrieval_weights import (ZERO3_MODULE_FILE, ZERO012_MODULE_FILE, load_retrieval_weights,
+from model.weights.released import export_albef_state_dict
+from model.engine.checkpointing import EXTRA_STATE
+from model.weights.files import (ZERO3_MODULE_FILE, ZERO012_MODULE_FILE, load_retrieval_weights,
                                      retrieval_model_config)
 
 

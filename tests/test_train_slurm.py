@@ -19,7 +19,7 @@ import time
 import pytest
 from PIL import Image
 
-from model.checkpointing import LATEST, tag_for_step
+from model.engine.checkpointing import LATEST, tag_for_step
 from tests.fixtures.training import RANKS, REPO, TINY_CONFIG, read_records, steps_of
 
 MAX_STEPS = 30
@@ -35,7 +35,7 @@ def test_sbatch_pretrain_trains_checkpoints_requeues_and_resumes(slurm_cluster, 
         "ALBEF_SHARDS": train_shards.spec,
         "ALBEF_OUTPUT": str(out),
         "ALBEF_MAX_STEPS": str(MAX_STEPS),
-        "ALBEF_OVERRIDES": "data.num_workers=0 train.checkpoint_every=10 train.log_every=5",
+        "ALBEF_OVERRIDES": "data.num_workers=0 train.checkpoint_every=10 train.log_every=5 train.debug_records=true",
         "ALBEF_PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
     }

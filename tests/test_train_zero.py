@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from model.albef import ALBEF
-from model.checkpoint import load_albef_state_dict
-from model.checkpointing import LATEST, tag_for_step
+from model.weights.released import load_albef_state_dict
+from model.engine.checkpointing import LATEST, tag_for_step
 from tests.fixtures.retrieval import write_shapes_dataset
 from tests.fixtures.training import (
     REPO, TINY_CONFIG, free_port, launch_training, read_records, steps_of, training_command, training_env,

@@ -20,7 +20,7 @@ class BatchPlan:
     micro_batch: int      # samples per rank per forward
     grad_accum: int       # forwards per optimiser step
     world_size: int
-    queue_size: int
+    queue_size: int | None   # None: the model has no feature queue
 
     @property
     def global_batch(self) -> int:
@@ -64,7 +64,7 @@ def resolve_ds_config(ds_cfg: dict, plan: BatchPlan, source: str = "deepspeed co
         if out.get(section, {}).get("enabled", False):
             raise ValueError(
                 f"{source} enables '{section}': DeepSpeed would cast the momentum model and the queues "
-                f"to {section} and the EMA would stop moving (spec section 7). Use "
+                f"to {section} and the EMA would stop moving (docs/METHOD.md §7). Use "
                 f'"torch_autocast": {{"enabled": true, "dtype": "bfloat16"}} instead')
     zero = out.get("zero_optimization", {})
     if int(zero.get("stage", 0)) == 3 and zero.get("stage3_param_persistence_threshold", None) != 0:
@@ -88,7 +88,7 @@ def resolve_ds_config(ds_cfg: dict, plan: BatchPlan, source: str = "deepspeed co
                 f"{source}: {key}={given} but the run config gives {value} "
                 f"(batch_size_per_rank {plan.micro_batch} x gradient_accumulation_steps {plan.grad_accum} "
                 f"x {plan.world_size} ranks = global batch {plan.global_batch}); set it to \"auto\" or {value}")
-    if plan.queue_size % plan.enqueue_batch:
+    if plan.queue_size is not None and plan.queue_size % plan.enqueue_batch:
         raise ValueError(
             f"model.queue_size {plan.queue_size} is not divisible by the per-step enqueue batch "
             f"{plan.enqueue_batch} (batch_size_per_rank {plan.micro_batch} x {plan.world_size} ranks): "

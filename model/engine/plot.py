@@ -1,4 +1,4 @@
-"""`python -m model.plot RUN_DIR`: loss and throughput curves of a run as PNG.
+"""`python -m model.engine.plot RUN_DIR`: loss and throughput curves of a run as PNG.
 
 Reads `RUN_DIR/logs/metrics.csv` (written by `model/train.py`) and writes
 `RUN_DIR/plots/loss.png` (total, ITC, ITM, MLM) and `RUN_DIR/plots/throughput.png`
@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from model.progress import EVAL_CSV_NAME  # noqa: E402
+from model.engine.progress import EVAL_CSV_NAME  # noqa: E402
 
 LOSS_CURVES = (("loss", "total"), ("loss_itc", "ITC"), ("loss_itm", "ITM"), ("loss_mlm", "MLM"))
 RETRIEVAL_CURVES = (("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("img_r1", "IR@1"), ("img_r5", "IR@5"))
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = plot_run(args.run_dir)
     except (FileNotFoundError, ValueError) as err:
-        print(f"model.plot: {err}", file=sys.stderr)
+        print(f"model.engine.plot: {err}", file=sys.stderr)
         return 1
     for path in written:
         print(path)

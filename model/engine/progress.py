@@ -7,9 +7,10 @@ metrics, and a per-rank JSON-lines record of every optimiser step.
   `logs/metrics.csv` and the same scalars to TensorBoard (`logs/tb/`). On resume
   the rows after the resumed step are dropped so the CSV stays one curve.
   Zero-shot retrieval metrics, when the run evaluates, go to `logs/eval.csv`.
-- `StepRecords` (every rank): `logs/records_rank{R}.jsonl`, one JSON object per
-  optimiser step (losses, lr, alpha, queue checksum, data position); each start
-  of the trainer first writes a `{"event": "start", ...}` line. Tests read these.
+- `StepRecords` (every rank, with `train.debug_records`): `logs/records_rank{R}.jsonl`,
+  one JSON object per optimiser step (losses, lr, alpha, queue checksum, data
+  position); each start of the trainer first writes a `{"event": "start", ...}`
+  line. Tests read these.
 """
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ import torch
 
 CSV_NAME = "metrics.csv"
 EVAL_CSV_NAME = "eval.csv"
-LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
-ACC_KEYS = ("acc_itc", "acc_itm", "acc_mlm")
 
 
 class Throughput:
@@ -104,10 +103,13 @@ def format_eta(seconds: float) -> str:
 def progress_line(step: int, total: int, epoch: int, scalars: dict[str, float]) -> str:
     """`step 120/3000 ep 0 | 812.4 samples/s | data 3.1% | ETA 1:02:03 | loss 4.321 ...`."""
     eta = (total - step) / scalars["steps_per_s"] if scalars["steps_per_s"] > 0 else float("inf")
-    losses = " ".join(f"{k.replace('loss_', '')} {scalars[k]:.4f}" for k in LOSS_KEYS if k in scalars)
+    loss_keys = ["loss"] + sorted(k for k in scalars if k.startswith("loss_"))
+    losses = " ".join(f"{k.replace('loss_', '')} {scalars[k]:.4f}" for k in loss_keys if k in scalars)
+    accs = " ".join(f"{k} {scalars[k]:.3f}" for k in sorted(scalars) if k.startswith("acc"))
     return (f"step {step}/{total} ep {epoch} | {scalars['samples_per_s']:.1f} samples/s | "
             f"data {100 * scalars['data_wait_frac']:.1f}% | ETA {format_eta(eta)} | {losses} | "
-            f"lr {scalars['lr']:.3g} alpha {scalars['alpha']:.3f} | mem {scalars['peak_mem_mb']:.0f} MB")
+            + (f"{accs} | " if accs else "")
+            + f"lr {scalars['lr']:.3g} alpha {scalars['alpha']:.3f} | mem {scalars['peak_mem_mb']:.0f} MB")
 
 
 class MetricsLog:
@@ -140,7 +142,7 @@ class MetricsLog:
         self.tb.flush()
 
     def write_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """Zero-shot retrieval metrics: `logs/eval.csv` and TensorBoard `eval/*`."""
+        """Evaluation metrics (`split/metric`): `logs/eval.csv` and TensorBoard `eval/*`."""
         path = self.csv_path.with_name(EVAL_CSV_NAME)
         new = not path.is_file()
         with path.open("a", newline="") as f:

@@ -1,254 +1,230 @@
-"""Retrieval fine-tuning inside a DeepSpeed engine: the reference's Retrieval.py recipe.
+"""Image-text retrieval (Flickr30K / COCO): the reference's fine-tuning recipe and its evaluation.
 
-    deepspeed [--num_gpus N] model/retrieval.py finetune --config configs/retrieval_coco.yaml \
-        --checkpoint ALBEF_4M.pth --deepspeed_config ds_configs/zero2.json [--output-dir DIR] [k=v ...]
+    deepspeed model/train.py --config configs/retrieval_coco.yaml --checkpoint ALBEF_4M.pth \
+        --deepspeed_config ds_configs/zero2.json [--output-dir DIR] [k=v ...]
+    python -m model.evaluate --config configs/retrieval_flickr.yaml --checkpoint CKPT [--split val]
+    (aliases: python -m model.retrieval finetune|evaluate ...)
 
-- Model: ALBEF in retrieval mode (`idx` = image number): ITC targets spread
-  over every caption of the same image, in the batch and in `idx_queue`; ITM
-  hard negatives never share the image; momentum distillation with alpha
-  ramped from 0 over the first epoch (`alpha * min(1, i / batches_per_epoch)`);
-  no MLM. Weights from `--checkpoint` (position embedding resized to 384).
-- Data: the Karpathy train file(s) as a map-style dataset, split over ranks by
-  a `DistributedSampler` (shuffled per epoch, padded so every rank has the
-  same number of full batches, `drop_last` batches as the reference).
+What differs from pretraining (docs/METHOD.md §8):
+- Model: ALBEF in retrieval mode (`idx` = image number): ITC targets spread over
+  every caption of the same image, in the batch and in `idx_queue`; ITM hard
+  negatives never share the image; momentum distillation; no MLM. Weights from
+  `--checkpoint` (position embedding resized to 384); the temperature is not clamped.
+- Data: the Karpathy train file(s) as a map-style dataset (`pipeline.map_loader.MapLoader`:
+  shuffled per epoch, padded so every rank has the same number of full batches).
   Augmentation: RandomResizedCrop(scale 0.5-1.0), flip, RandAugment.
-- Optimiser and schedule: AdamW (lr 1e-5, weight decay 0.02, none on biases
-  and 1-D parameters), cosine from lr to min_lr. The reference steps its
-  cosine once per epoch; we step it every optimiser step, as the pretraining
-  trainer does (`model/schedule.py`).
-- After every epoch: full evaluation (ITC top-k + ITM re-ranking) on val and
-  test; the epoch with the best val `r_mean` (test when there is no val file)
-  is exported in the released layout to `<out>/export/albef.pth`, with its
-  test result JSON beside it. Per-epoch results: `<out>/logs/epochs.jsonl`;
-  losses: `<out>/logs/metrics.csv` and TensorBoard; annotation problems:
-  `<out>/logs/train_problems.json`; images that failed to decode while
-  training (each replaced by the next entry): `<out>/logs/load_failures_rank{R}.jsonl`.
+- Schedule: cosine stepped every optimiser step (the reference steps per epoch).
+- After every epoch: the full evaluation (ITC top-k + ITM re-ranking) on val and
+  test; the epoch with the best val `r_mean` (test when there is no val file) is
+  exported in the released layout to `export/albef.pth`, with its result JSONs
+  beside it (`export/albef.<config>_<split>.json`). Per-epoch results:
+  `logs/epochs.jsonl`; annotation problems: `logs/train_problems.json`.
 
-Helpers shared with pretraining come from `model/train.py` (optimiser groups,
-seeding, DeepSpeed start-up workaround), `model/engine_config.py`,
-`model/schedule.py`, `model/progress.py` and `model/export.py`.
+`python -m model.evaluate` writes, next to the checkpoint (or `--output`),
+`<checkpoint>.<config>_<split>.json`: metrics, per-query ranks (0-based; null =
+unscored), unscored queries with reasons, per-item problems of the annotation
+file, the weight-loading report and timings; `--save-scores` adds the two score
+matrices as `.npz`.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Union
 
+import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 
-from model.dist_env import apply_slurm_env, init_engine_process_group
+from model.albef import ALBEF
+from model.engine.recipe import Recipe
+from model.engine.settings import DataSettings, EvalSettings, TrainSettings
+from model.weights.files import load_retrieval_weights, retrieval_model_config
+from model.weights.released import export_albef_state_dict
 
-LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "acc_itc", "acc_itm")
-
-
-def finetune(args: argparse.Namespace) -> int:
-    return RetrievalFinetuner(args).run()
+RESULT_PREFIX = "albef"   # export/albef.<config>_<split>.json beside export/albef.pth
 
 
-class RetrievalFinetuner:
-    def __init__(self, args: argparse.Namespace):
-        apply_slurm_env()
-        import deepspeed
+@dataclass
+class RetrievalTrain(TrainSettings):
+    lr: float = 1e-5
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 0
+    min_lr: float = 1e-6
+    batch_size_per_rank: int = 32
+    max_tokens: int = 30
+    output_dir: str = "runs/retrieval"
 
-        from model.albef import ALBEF
-        from model.config import save_config
-        from model.engine_config import BatchPlan, load_ds_config, resolve_ds_config, zero_stage
-        from model.retrieval import eval_dataset, load_retrieval_config
-        from model.retrieval_weights import load_retrieval_weights, retrieval_model_config
-        from model.schedule import LRSchedule
-        from model.train import param_groups, seed_everything, vectorise_scalar_params
-        from pipeline.annotations import RetrievalTrainDataset, TrainCollate
-        from pipeline.tokenize import load_tokenizer
+
+@dataclass
+class RetrievalData(DataSettings):
+    train_file: Union[list[str], str] = field(default_factory=list)   # Karpathy train JSON(s)
+    val_file: Optional[str] = None       # picks the best epoch when set
+    test_file: Optional[str] = None
+    image_root: Optional[str] = None     # folder the `image` paths are relative to
+    max_words: int = 30                  # pre_caption word limit
+    num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train_file, str):
+            self.train_file = [self.train_file] if self.train_file else []
+
+
+@dataclass
+class RetrievalEval(EvalSettings):
+    k_test: int = 128                    # candidates per query re-ranked by the ITM head
+    image_batch_size: int = 64
+    text_batch_size: int = 256
+
+    def check(self, where: str) -> None:
+        for name in ("k_test", "image_batch_size", "text_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name}={getattr(self, name)} must be a positive integer")
+
+
+class RetrievalRecipe(Recipe):
+    name = "retrieval"
+    train_settings = RetrievalTrain
+    data_settings = RetrievalData
+    eval_settings = RetrievalEval
+    loss_names = ("loss_itc", "loss_itm")
+    select_metric = "val/r_mean"
+    evaluate_every_epoch = True
+    uses_queue = True
+
+    def __init__(self, run, env):
+        super().__init__(run, env)
+        self._records: dict[str, dict] = {}
+        self._report = None
+
+    # ------------------------------------------------------------- model
+
+    def build_model(self, tokenizer, checkpoint: str | None) -> ALBEF:
+        if not checkpoint:
+            raise ValueError(f"task {self.name} fine-tunes a pretrained model: give --checkpoint "
+                             f"(or train.init_checkpoint)")
+        model = ALBEF(retrieval_model_config(self.run.model, tokenizer),
+                      global_batch_size=self.env.enqueue_batch if self.env else None)
+        self._report, self.source = load_retrieval_weights(model, checkpoint)
+        return model
+
+    def load_report(self) -> str | None:
+        return str(self._report) if self._report is not None else None
+
+    def export_state_dict(self, module) -> dict[str, torch.Tensor]:
+        return export_albef_state_dict(module)
+
+    def extra_state(self, module) -> dict:
+        return {"queues": {name: buf.detach().cpu().clone() for name, buf in module.queue.named_buffers()}}
+
+    def load_extra_state(self, module, state: dict) -> None:
+        for name, value in state["queues"].items():
+            getattr(module.queue, name).copy_(value)
+
+    # ------------------------------------------------------------- training
+
+    def train_dataset(self):
+        """The annotation dataset and its transform; the grounding recipe gives its own."""
+        from pipeline.annotations import RetrievalTrainDataset
         from pipeline.transforms import AugmentConfig, ImageTransform
+        d = self.run.data
+        if not d.train_file:
+            raise ValueError("data.train_file is empty: give the training annotation file(s)")
+        transform = ImageTransform(self.run.model["vision"]["image_res"], train=True,
+                                   augment=AugmentConfig.from_dict(d.augment))
+        return RetrievalTrainDataset(d.train_file, d.image_root, transform, max_words=d.max_words,
+                                     seed=self.run.train.seed)
 
-        self.cfg = cfg = load_retrieval_config(args.config, args.overrides)
-        tcfg, dcfg = cfg["train"], cfg["data"]
-        if not dcfg["train_file"]:
-            raise ValueError("data.train_file is empty: give the Karpathy train annotation file(s)")
-        self.config_name = Path(args.config).stem
-        self.rank, self.world, self.device = init_engine_process_group(args.local_rank, tcfg["dist_timeout_s"])
-        self.use_cuda = self.device.type == "cuda"
-        self.out_dir = Path(args.output_dir or tcfg["output_dir"])
-
-        self.plan = BatchPlan(micro_batch=tcfg["batch_size_per_rank"],
-                              grad_accum=tcfg["gradient_accumulation_steps"],
-                              world_size=self.world, queue_size=cfg["model"]["queue_size"])
-        ds_cfg = resolve_ds_config(load_ds_config(args.deepspeed_config), self.plan,
-                                   source=str(args.deepspeed_config))
-        self.zero_stage = zero_stage(ds_cfg)
-
-        res = cfg["model"]["vision"]["image_res"]
-        self.train_set = RetrievalTrainDataset(
-            dcfg["train_file"], dcfg["image_root"],
-            ImageTransform(res, train=True, augment=AugmentConfig.from_dict(dcfg["augment"])),
-            max_words=dcfg["max_words"], seed=tcfg["seed"])
-        self.eval_sets = {split: eval_dataset(cfg, split) for split in ("val", "test") if dcfg[f"{split}_file"]}
+    def train_loader(self, tokenizer):
+        from pipeline.annotations import TrainCollate
+        from pipeline.map_loader import MapLoader
+        dataset = self.train_dataset()
+        self.eval_sets = {split: self.eval_dataset(split) for split in self.splits() if self._split_file(split)}
         if not self.eval_sets:
             raise ValueError("neither data.val_file nor data.test_file is set: nothing to select the model by")
-
-        seed_everything(tcfg["seed"])
-        self.tokenizer = load_tokenizer(cfg["model"]["text"]["tokenizer"])
-        cfg["model"] = retrieval_model_config(cfg, self.tokenizer)
-        model = ALBEF(cfg["model"], global_batch_size=self.plan.enqueue_batch)
-        self.load_report, self.source = load_retrieval_weights(model, args.checkpoint)
-        seed_everything(tcfg["seed"] + self.rank)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(tcfg["seed"] + self.rank)
-
-        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
-                                          shuffle=True, seed=tcfg["seed"])
-        self.loader = DataLoader(self.train_set, batch_size=self.plan.micro_batch, sampler=self.sampler,
-                                 num_workers=dcfg["num_workers"], drop_last=True, pin_memory=self.use_cuda,
-                                 collate_fn=TrainCollate(self.tokenizer, tcfg["max_tokens"]))
-        self.batches_per_epoch = len(self.loader)
-        if self.batches_per_epoch < self.plan.grad_accum:
-            raise ValueError(
-                f"{len(self.train_set)} training pairs give {self.batches_per_epoch} full batches of "
-                f"{self.plan.micro_batch} per rank over {self.world} ranks, fewer than "
-                f"train.gradient_accumulation_steps {self.plan.grad_accum}")
-        self.total_steps = tcfg["epochs"] * self.batches_per_epoch // self.plan.grad_accum
-        schedule = LRSchedule(lr=tcfg["lr"], warmup_lr=tcfg["warmup_lr"], min_lr=tcfg["min_lr"],
-                              warmup_steps=tcfg["warmup_steps"], total_steps=self.total_steps)
-        optimizer = torch.optim.AdamW(param_groups(model.trainable_parameters(), tcfg["weight_decay"]),
-                                      lr=tcfg["lr"], betas=tuple(tcfg["betas"]), eps=tcfg["eps"])
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-        self.scalar_params = vectorise_scalar_params(model)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    lr_scheduler=lr_scheduler, config=ds_cfg)
-        self.module = self.engine.module
-        self.module.sync_buffers()
-        self.failure_log = self.out_dir / "logs" / f"load_failures_rank{self.rank}.jsonl"
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
-            (self.out_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-            (self.out_dir / "logs").mkdir(exist_ok=True)
-        dist.barrier()
-
-    # ------------------------------------------------------------------ training
-
-    def _train_epoch(self, epoch: int, metrics_log, step: int, micro_step: int) -> tuple[dict, int, int]:
-        from model.progress import Throughput, peak_memory_mb, progress_line
-        from model.schedule import alpha_at
-
-        tcfg = self.cfg["train"]
-        accum = self.plan.grad_accum
-        self.sampler.set_epoch(epoch)
-        self.train_set.set_epoch(epoch)
-        self.engine.train()
-        throughput = Throughput()
-        sums: dict[str, float] = {}
-        window: dict[str, float] = {}
-        load_failures = 0
-        t_wait = time.perf_counter()
-        for batch in self.loader:
-            throughput.add_wait(time.perf_counter() - t_wait)
-            if batch["load_failures"]:
-                load_failures += len(batch["load_failures"])
-                with self.failure_log.open("a") as f:
-                    for failure in batch["load_failures"]:
-                        f.write(json.dumps({"epoch": epoch, **failure}) + "\n")
-            alpha = alpha_at(micro_step, self.batches_per_epoch, tcfg["alpha"])
-            out = self.engine(batch["image"].to(self.device, non_blocking=True),
-                              batch["input_ids"].to(self.device, non_blocking=True),
-                              batch["attention_mask"].to(self.device, non_blocking=True),
-                              alpha=alpha, idx=batch["idx"].to(self.device, non_blocking=True),
-                              generator=self.generator)
-            self.engine.backward(out["loss"])
-            lr = self.engine.get_lr()[0]
-            self.engine.step()
-            micro_step += 1
-            for key in LOSS_KEYS:
-                value = float(out[key].detach())
-                sums[key] = sums.get(key, 0.0) + value
-                window[key] = window.get(key, 0.0) + value
-            window["n"] = window.get("n", 0.0) + 1
-            if micro_step % accum == 0:
-                step += 1
-                throughput.add_step(self.plan.global_batch)
-                if step % tcfg["log_every"] == 0 or step == self.total_steps:
-                    scalars = self._mean_over_ranks(window)
-                    scalars.update(throughput.summary(), lr=lr, alpha=alpha, epoch=epoch,
-                                   peak_mem_mb=peak_memory_mb(self.device))
-                    throughput.reset()
-                    window = {}
-                    if self.rank == 0:
-                        print("[finetune] " + progress_line(step, self.total_steps, epoch, scalars), flush=True)
-                        metrics_log.write(step, scalars)
-            t_wait = time.perf_counter()
-        stats = self._mean_over_ranks({**sums, "n": float(self.batches_per_epoch)})
-        failures = torch.tensor([load_failures], dtype=torch.float64, device=self.device)
-        dist.all_reduce(failures)
-        stats["image_load_failures"] = int(failures.item())
-        return stats, step, micro_step
-
-    def _mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
-        n = sums.pop("n", 1.0)
-        keys = sorted(sums)
-        means = torch.tensor([sums[k] / n for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(means)
-        return dict(zip(keys, (means / self.world).tolist()))
-
-    # ------------------------------------------------------------------ evaluation and export
-
-    def _evaluate(self, epoch: int) -> dict:
-        from model.retrieval import result_record, run_evaluation
-        from model.retrieval_metrics import format_table
-
-        records = {}
-        for split, dataset in self.eval_sets.items():
-            result, timings, _ = run_evaluation(self.module, dataset, self.tokenizer, self.cfg, self.device)
-            records[split] = result_record(result, dataset, timings, init_checkpoint=self.source,
-                                           config=self.config_name, split=split, epoch=epoch,
-                                           k_test=self.cfg["eval"]["k_test"], world_size=self.world)
-            if self.rank == 0:
-                print(format_table(result.metrics, f"ep {epoch} {split}"), flush=True)
-        return records
-
-    def run(self) -> int:
-        from model.export import EXPORT_NAME, export_engine
-        from model.progress import MetricsLog
-
-        tcfg = self.cfg["train"]
-        metrics_log = MetricsLog(self.out_dir / "logs", None) if self.rank == 0 else None
-        if self.rank == 0:
-            print(f"[finetune] {self.load_report}", flush=True)
-            problems = self.train_set.problems
-            if problems:
-                print(f"[finetune] train annotation problems: {len(problems)} entries left out or "
-                      f"merged (see logs/train_problems.json)", flush=True)
+        if self.env.rank == 0 and self.out_dir is not None:   # not in a --dry-run
+            problems = dataset.problems
+            (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
             (self.out_dir / "logs" / "train_problems.json").write_text(json.dumps(problems))
-            print(f"[finetune] {len(self.train_set)} pairs / {self.train_set.n_images} images; world "
-                  f"{self.world} x micro batch {self.plan.micro_batch} x accum {self.plan.grad_accum}; "
-                  f"{self.batches_per_epoch} batches/rank/epoch; {self.total_steps} steps; "
-                  f"ZeRO-{self.zero_stage}", flush=True)
-        select_split = "val" if "val" in self.eval_sets else "test"
-        best, step, micro_step = None, 0, 0
-        epochs_log = self.out_dir / "logs" / "epochs.jsonl"
-        for epoch in range(tcfg["epochs"]):
-            train_stats, step, micro_step = self._train_epoch(epoch, metrics_log, step, micro_step)
-            records = self._evaluate(epoch)
-            score = records[select_split]["metrics"]["r_mean"]
-            improved = best is None or score > best
-            if improved:
-                best = score
-                export_engine(self.engine, self.cfg, step, epoch, self.out_dir / "export", self.zero_stage,
-                              self.scalar_params)
-            if self.rank == 0:
-                with epochs_log.open("a") as f:
-                    f.write(json.dumps({"epoch": epoch, "step": step, "train": train_stats,
-                                        **{split: r["metrics"] for split, r in records.items()},
-                                        "best": improved}) + "\n")
-                if improved:
-                    for split, record in records.items():
-                        path = self.out_dir / "export" / f"{Path(EXPORT_NAME).stem}.{self.config_name}_{split}.json"
-                        path.write_text(json.dumps(record) + "\n")
-        if self.rank == 0:
-            metrics_log.close()
-            print(f"[finetune] done: best {select_split} r_mean {best:.2f}; "
-                  f"{self.out_dir / 'export' / EXPORT_NAME}", flush=True)
-        dist.barrier()
-        return 0
+            print(f"[train] {len(dataset)} pairs / {dataset.n_images} images"
+                  + (f"; {len(problems)} annotation entries left out or merged (logs/train_problems.json)"
+                     if problems else ""), flush=True)
+        t = self.run.train
+        return MapLoader(dataset, batch_size=t.batch_size_per_rank, rank=self.env.rank, world_size=self.env.world,
+                         seed=t.seed, collate_fn=TrainCollate(tokenizer, t.max_tokens),
+                         num_workers=self.run.data.num_workers, pin_memory=self.env.device.type == "cuda")
+
+    def step(self, module, batch, alpha, generator):
+        device = self.env.device
+        return module(batch["image"].to(device, non_blocking=True),
+                      batch["input_ids"].to(device, non_blocking=True),
+                      batch["attention_mask"].to(device, non_blocking=True), alpha=alpha,
+                      idx=batch["idx"].to(device, non_blocking=True), generator=generator)
+
+    # ------------------------------------------------------------- evaluation
+
+    def splits(self) -> tuple[str, ...]:
+        return ("test", "val")
+
+    def _split_file(self, split: str) -> str | None:
+        return getattr(self.run.data, f"{split}_file", None)
+
+    def eval_dataset(self, split: str):
+        from pipeline.annotations import RetrievalEvalDataset
+        from pipeline.transforms import ImageTransform
+        ann_file = self._split_file(split)
+        if not ann_file:
+            raise ValueError(f"data.{split}_file is not set")
+        return RetrievalEvalDataset(ann_file, self.run.data.image_root,
+                                    ImageTransform(self.run.model["vision"]["image_res"], train=False),
+                                    max_words=self.run.data.max_words)
+
+    def _run_evaluation(self, module, dataset, tokenizer):
+        from model.tasks.retrieval_eval import evaluate
+        e = self.run.eval
+        return evaluate(module, dataset, tokenizer, k_test=e.k_test, max_tokens=self.run.train.max_tokens,
+                        image_batch_size=e.image_batch_size, text_batch_size=e.text_batch_size,
+                        device=self.env.device, num_workers=self.run.data.num_workers)
+
+    def _record(self, result, dataset, timings: dict, **extra) -> dict:
+        """The JSON written after an evaluation: metrics, per-query ranks, problems, timings."""
+        return {**extra, **result.to_json(), "annotation_file": dataset.ann_file, "problems": dataset.problems,
+                "problem_counts": dataset.problem_counts(), "timings_s": timings,
+                "k_test": self.run.eval.k_test, "world_size": self.env.world}
+
+    def evaluate(self, module, tokenizer, step: int, epoch: int) -> dict[str, dict[str, float]]:
+        from model.tasks.retrieval_metrics import format_table
+        metrics = {}
+        for split in ("val", "test"):
+            if split not in self.eval_sets:
+                continue
+            dataset = self.eval_sets[split]
+            result, timings, _ = self._run_evaluation(module, dataset, tokenizer)
+            self._records[split] = self._record(result, dataset, timings, init_checkpoint=self.source,
+                                                config=self.run.name, split=split, epoch=epoch, step=step)
+            metrics[split] = result.metrics
+            if self.env.rank == 0:
+                print(format_table(result.metrics, f"ep {epoch} {split}"), flush=True)
+        return metrics
+
+    def save_best(self, export_dir: Path) -> None:
+        for split, record in self._records.items():
+            (export_dir / f"{RESULT_PREFIX}.{self.run.name}_{split}.json").write_text(json.dumps(record) + "\n")
+
+    def evaluate_split(self, module, tokenizer, split: str, options) -> dict:
+        from model.tasks.retrieval_metrics import format_table
+        dataset = self.eval_dataset(split)
+        result, timings, scores = self._run_evaluation(module, dataset, tokenizer)
+        record = self._record(result, dataset, timings, checkpoint=self.source, config=options.config,
+                              split=split, load_report=str(self._report))
+        if getattr(options, "save_scores", False) and self.env.rank == 0:
+            np.savez_compressed(Path(options.output).with_suffix(".npz"), i2t=scores[0], t2i=scores[1])
+        lines = [str(self._report)]
+        if dataset.problems:
+            lines.append(f"annotation problems: {dataset.problem_counts()} (each listed in the JSON)")
+        lines.append(format_table(result.metrics, f"{self.run.name}/{split}"))
+        record["table"] = "\n".join(lines)
+        return record
+
+
+RECIPE = RetrievalRecipe

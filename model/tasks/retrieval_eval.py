@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from model.retrieval_metrics import RetrievalResult, retrieval_metrics
+from model.tasks.retrieval_metrics import RetrievalResult, retrieval_metrics
 from pipeline.annotations import RetrievalEvalDataset, collate_eval_images
 from pipeline.tokenize import text_batch
 

@@ -4,7 +4,7 @@ Reads the score matrices that `python -m model.retrieval evaluate --save-scores`
 writes (`t2i`: [n_texts, n_images]) and the annotation file it evaluated; the
 ground-truth image of each query is framed in green, others in grey.
 
-`python -m model.retrieval_grid --scores RESULT.npz --annotations test.json --image-root ROOT --out grid.png`
+`python -m model.tasks.retrieval_grid --scores RESULT.npz --annotations test.json --image-root ROOT --out grid.png`
 """
 from __future__ import annotations
 

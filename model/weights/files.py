@@ -11,7 +11,7 @@
   ZeRO-0/1/2: the engine's `mp_rank_00_model_states.pt` holds the whole module).
   A ZeRO-3 checkpoint holds only partitions: export it first.
 
-Everything ends in `model.checkpoint.load_albef_state_dict`, which resizes the
+Everything ends in `model.weights.released.load_albef_state_dict`, which resizes the
 position embeddings to the configured resolution, accepts the expected
 differences (no `idx_queue` in a pretraining checkpoint, an MLM head that a
 retrieval model does not have) with reasons, and refuses anything else.
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from model.albef import ALBEF, text_settings_from_tokenizer
-from model.checkpoint import LoadReport, export_albef_state_dict, load_albef_state_dict
-from model.checkpointing import EXTRA_STATE, newest_complete
-from model.export import EXPORT_NAME
+from model.weights.released import LoadReport, export_albef_state_dict, load_albef_state_dict
+from model.engine.checkpointing import EXTRA_STATE, newest_complete
+from model.engine.export import EXPORT_NAME
 
 ZERO012_MODULE_FILE = "mp_rank_00_model_states.pt"
 ZERO3_MODULE_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"

@@ -1,0 +1,94 @@
+"""Typed `train:`, `data:` and `eval:` sections shared by every task.
+
+Each recipe names its section classes (subclasses of these add task keys). The
+defaults are the paper's pretraining values; a task's YAML gives what differs.
+An unknown key, a wrong type or an impossible value stops the run before any
+process group starts, with one line naming the setting (`model.settings.build_settings`).
+"""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def _positive_ints(where: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{where}.{name}={value!r} must be a positive integer")
+
+
+def _non_negative(where: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0:
+            raise ValueError(f"{where}.{name}={value!r} must not be negative")
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation recipe and the run mechanics of `model/engine/trainer.py`."""
+    lr: float = 1e-4                     # AdamW peak learning rate
+    warmup_lr: float = 1e-5              # linear warm-up from this ...
+    warmup_steps: int = 2000             # ... over these optimiser steps
+    min_lr: float = 1e-5                 # cosine floor
+    weight_decay: float = 0.02           # 0 for 1-D parameters
+    epochs: int = 30
+    alpha: float = 0.4                   # distillation weight, ramped from 0 over the first epoch
+    batch_size_per_rank: int = 64
+    max_tokens: int = 25                 # caption truncation ([CLS] included)
+    gradient_accumulation_steps: int = 1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    seed: int = 42
+    output_dir: str = "runs/albef"
+    log_every: int = 50                  # optimiser steps per progress line / metrics row
+    checkpoint_every: int = 2000
+    keep_checkpoints: int = 3
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1"])
+    stop_check_every: int = 10           # optimiser steps between the ranks' agreement on a stop request
+    dist_timeout_s: float = 1800.0
+    # weight of each loss term in the summed loss (loss name without `loss_`); 1.0 = the paper's unweighted sum
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    debug_records: bool = False          # per-step checksums/fingerprints in logs/records_rank{R}.jsonl (tests)
+    init_checkpoint: Optional[str] = None  # weights to start from (fine-tuning); --checkpoint overrides
+
+    def check(self, where: str) -> None:
+        _positive_ints(where, self, "epochs", "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps",
+                       "log_every", "checkpoint_every", "keep_checkpoints", "stop_check_every")
+        _non_negative(where, self, "lr", "warmup_lr", "min_lr", "weight_decay", "warmup_steps", "eps")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"{where}.alpha={self.alpha} must lie in [0, 1]")
+        for beta in self.betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{where}.betas={list(self.betas)} must lie in [0, 1)")
+        for name in self.stop_signals:
+            if not isinstance(getattr(signal, name, None), signal.Signals):
+                raise ValueError(f"{where}.stop_signals: {name!r} is not a signal name (e.g. SIGUSR1)")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"{where}.dist_timeout_s={self.dist_timeout_s} must be positive")
+
+
+@dataclass
+class DataSettings:
+    """Data settings every task has."""
+    num_workers: int = 6                 # DataLoader worker processes per rank
+    augment: dict[str, Any] = field(default_factory=dict)   # pipeline.transforms.AugmentConfig keys
+
+    def check(self, where: str) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"{where}.num_workers={self.num_workers} must not be negative")
+        from pipeline.transforms import AugmentConfig
+        try:
+            AugmentConfig.from_dict(self.augment)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}.augment: {err}") from None
+
+
+@dataclass
+class EvalSettings:
+    """Base of a task's `eval:` section."""
+
+    def check(self, where: str) -> None:
+        pass
