@@ -76,7 +76,7 @@ def model_config(name: str, tokenizer) -> dict:
                     cfg["model"][key].update(value)
                 else:
                     cfg["model"][key] = value
-    return retrieval_model_config(cfg, tokenizer)
+    return retrieval_model_config(cfg["model"], tokenizer)
 
 
 class SyntheticEvalSet(Dataset):

@@ -3,6 +3,9 @@
     python benchmarks/train.py [--steps 80] [--warmup 5] [--mem-steps 3] [--workers 1]
                                [--skip-throughput] [--skip-memory] [--gpu]
 
+0. The cost of the per-step debug records (`train.debug_records`, off by
+   default): the same ZeRO-2 run with them off and on, samples/s of each from
+   its logged windows, and the ratio.
 1. Throughput: `deepspeed --num_gpus 2 model/train.py` with the tiny config
    (configs/tiny.yaml) on generated shards, once per ZeRO stage (CPU configs
    ds_configs/zero{0,1,2,3}_cpu.json). From the ranks' per-step records:
@@ -57,19 +60,41 @@ def free_port() -> int:
 
 
 def run(out: Path, config: Path, ds_config: str, spec: str, steps: int, workers: int,
-        env: dict | None = None) -> list[list[dict]]:
+        env: dict | None = None, overrides: tuple[str, ...] = ("train.debug_records=true",),
+        log_every: int | None = None) -> list[list[dict]]:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(RANKS),
            "--master_port", str(free_port()), "model/train.py", "--config", str(config),
            "--deepspeed_config", str(REPO / "ds_configs" / ds_config), "--output-dir", str(out),
            "--max-steps", str(steps), f"data.shards={spec}", f"data.num_workers={workers}",
-           f"train.log_every={steps}", f"train.checkpoint_every={steps}"]
+           f"train.log_every={log_every or steps}", f"train.checkpoint_every={steps}", *overrides]
     with (out.parent / f"{out.name}.log").open("w") as log:
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         tail = (out.parent / f"{out.name}.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{ds_config}: training failed ({proc.returncode})\n{tail}")
+    if not (out / "logs" / "records_rank0.jsonl").is_file():
+        return []
     return [[r for r in read_records(out / "logs" / f"records_rank{k}.jsonl") if "event" not in r]
             for k in range(RANKS)]
+
+
+def logged_samples_per_s(out: Path) -> float:
+    """Mean samples/s of the logging windows after the first (the first holds start-up)."""
+    import csv
+    with (out / "logs" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))[1:]
+    return round(sum(float(r["samples_per_s"]) for r in rows) / len(rows), 1)
+
+
+def records_cost(tmp: Path, config: Path, ds_config: str, spec: str, steps: int, warmup: int, workers: int) -> dict:
+    """Samples/s of the same ZeRO-2 run with the per-step debug records off (default) and on."""
+    out = {}
+    for name, flag in (("records_off", "false"), ("records_on", "true")):
+        run(tmp / f"rec_{name}", config, ds_config, spec, steps, workers,
+            overrides=(f"train.debug_records={flag}",), log_every=warmup)
+        out[f"{name}_samples_per_s"] = logged_samples_per_s(tmp / f"rec_{name}")
+    out["on_over_off"] = round(out["records_on_samples_per_s"] / out["records_off_samples_per_s"], 3)
+    return out
 
 
 def throughput(records: list[list[dict]], warmup: int, global_batch: int) -> dict:
@@ -111,6 +136,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-records", action="store_true", help="skip the records off/on comparison")
     parser.add_argument("--gpu", action="store_true", help="use the GPU DeepSpeed configs (bf16 autocast)")
     args = parser.parse_args()
     if args.steps <= args.warmup:
@@ -130,6 +156,10 @@ def main() -> None:
             records = run(tmp / f"tiny_z{stage}", tiny, f"zero{stage}{suffix}.json", spec, args.steps, args.workers)
             result["throughput_tiny"][f"zero{stage}"] = throughput(records, args.warmup, global_batch=16)
             print(json.dumps({f"zero{stage}": result["throughput_tiny"][f"zero{stage}"]}), file=sys.stderr)
+        if not args.skip_records:
+            result["debug_records_zero2"] = records_cost(tmp, tiny, f"zero2{suffix}.json", spec, args.steps,
+                                                         args.warmup, args.workers)
+            print(json.dumps({"debug records": result["debug_records_zero2"]}), file=sys.stderr)
         if not args.skip_memory:
             result["memory_mid"].update(model_state_mb(mid))
             for stage in STAGES:

@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[demo 4/4] zero-shot retrieval on the held-out split, plots", flush=True)
     result = run / "retrieval_demo.json"
-    sh([python, "-m", "model.retrieval", "evaluate", "--checkpoint", str(run / "export" / "albef.pth"),
+    sh([python, "-m", "model.evaluate", "--checkpoint", str(run / "export" / "albef.pth"),
         "--config", "configs/demo_retrieval.yaml", "--device", "cpu", "--output", str(result), "--save-scores",
         f"data.test_file={data / 'test.json'}", f"data.image_root={data}"])
-    sh([python, "-m", "model.engine.plot", str(run)])
+    sh([python, "-m", "model.plot", str(run)])
     sh([python, "-m", "model.tasks.retrieval_grid", "--scores", str(result.with_suffix(".npz")),
         "--annotations", str(data / "test.json"), "--image-root", str(data),
         "--out", str(run / "plots" / "retrieval_grid.png")])

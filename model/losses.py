@@ -1,6 +1,6 @@
 """ALBEF's three pretraining losses and the two random choices they need.
 
-Formulas follow `ALBEF_SPEC.md` section 2. Similarities and log-softmaxes are
+Formulas: docs/METHOD.md §2. Similarities and log-softmaxes are
 computed in fp32 even under autocast (a softmax over 65k queue columns at
 temperature 0.07 is where low precision hurts). The random choices (ITM hard
 negatives, MLM masking) take an optional `torch.Generator`, so a caller can

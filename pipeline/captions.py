@@ -1,4 +1,4 @@
-"""Caption cleaning exactly as ALBEF's reference `pre_caption` (spec section 1).
+"""Caption cleaning exactly as ALBEF's reference `pre_caption` (docs/METHOD.md §5).
 
 The reference lowercases, deletes the characters ,.'!?"()*#:;~, turns - and /
 into spaces, maps the COCO/VG placeholder `<person>` to `person`, collapses

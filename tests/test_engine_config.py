@@ -5,6 +5,7 @@ Everything here runs in-process without a process group: a bad config must stop
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from PIL import Image
 from model.cli import train_main
 from model.engine.settings import TrainSettings
 from model.settings import build_settings
-from model.tasks import RECIPES, load_run
+from model.tasks import RECIPES, load_run, recipe_class
 from tests.fixtures.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +126,8 @@ def test_every_shipped_task_config_is_typed():
             continue
         seen.add(raw["task"])
         # pretraining configs for tests and the demo get their shards on the command line
-        needs_shards = raw["task"] == "pretrain" and not (raw.get("data") or {}).get("shards")
+        data_keys = {f.name for f in dataclasses.fields(recipe_class(raw["task"]).data_settings)}
+        needs_shards = "shards" in data_keys and not (raw.get("data") or {}).get("shards")
         _, run = load_run(path, ["data.shards=a.tar"] if needs_shards else [])   # raises on a bad key or type
         assert run.task == raw["task"]
     assert {"pretrain", "retrieval"} <= seen <= set(RECIPES)

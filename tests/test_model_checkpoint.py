@@ -1,4 +1,4 @@
-"""Weights in other layouts: released ALBEF checkpoints (spec section 5), Hugging Face BERT,
+"""Weights in other layouts: released ALBEF checkpoints (docs/METHOD.md §7), Hugging Face BERT,
 timm/DeiT ViT, and position-embedding resizing."""
 import copy
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def spec_albef_shapes(cfg: dict) -> dict[str, tuple]:
-    """Key -> shape of a released pretraining checkpoint, written from the names in spec section 5."""
+    """Key -> shape of a released pretraining checkpoint, written from the names in docs/METHOD.md §7."""
     v, t = cfg["vision"], cfg["text"]
     W, depth, p, grid = v["width"], v["depth"], v["patch_size"], v["image_res"] // v["patch_size"]
     mlp = int(v["mlp_ratio"] * W)

@@ -15,7 +15,7 @@ def _retrieval_model(tiny_cfg, tiny_tokenizer, image_res=None):
     cfg = copy.deepcopy(tiny_cfg)
     if image_res is not None:
         cfg["model"]["vision"]["image_res"] = image_res
-    return ALBEF(retrieval_model_config(cfg, tiny_tokenizer))
+    return ALBEF(retrieval_model_config(cfg["model"], tiny_tokenizer))
 
 
 def _same_online_weights(a: ALBEF, b: ALBEF) -> bool:

@@ -1,6 +1,6 @@
 """Training checkpoints: the DeepSpeed engine's files plus the state it does not keep.
 
-Layout of `<run>/checkpoints/` (spec section 7 on `client_state`):
+Layout of `<run>/checkpoints/` (under ZeRO-1/2 DeepSpeed saves `client_state` from rank 0 only, so per-rank state gets files of its own):
 
     step000001000/                 one complete checkpoint (tag = optimiser step)
         <DeepSpeed files>          module, optimizer partitions, lr scheduler

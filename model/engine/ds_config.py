@@ -64,7 +64,7 @@ def resolve_ds_config(ds_cfg: dict, plan: BatchPlan, source: str = "deepspeed co
         if out.get(section, {}).get("enabled", False):
             raise ValueError(
                 f"{source} enables '{section}': DeepSpeed would cast the momentum model and the queues "
-                f"to {section} and the EMA would stop moving (docs/METHOD.md §7). Use "
+                f"to {section} and the EMA would stop moving (docs/METHOD.md §3). Use "
                 f'"torch_autocast": {{"enabled": true, "dtype": "bfloat16"}} instead')
     zero = out.get("zero_optimization", {})
     if int(zero.get("stage", 0)) == 3 and zero.get("stage3_param_persistence_threshold", None) != 0:

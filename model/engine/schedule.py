@@ -1,11 +1,11 @@
 """Learning-rate and distillation-weight schedules of the ALBEF pretraining recipe.
 
-Learning rate (spec section 3): linear warm-up from `warmup_lr` to `lr` over the
+Learning rate (docs/METHOD.md §4): linear warm-up from `warmup_lr` to `lr` over the
 first `warmup_steps` optimiser steps, then cosine from `lr` down to `min_lr` at
 the last step. The reference steps its cosine once per epoch; stepping it every
 optimiser step follows the same curve at a finer grain.
 
-Alpha (spec section 2): `alpha * min(1, micro_step / batches_per_epoch)`, i.e.
+Alpha (docs/METHOD.md §4): `alpha * min(1, micro_step / batches_per_epoch)`, i.e.
 ramped linearly from 0 over the first epoch's iterations, constant after.
 """
 from __future__ import annotations

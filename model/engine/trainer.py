@@ -119,6 +119,9 @@ class Trainer:
         self.stop = StopRequest(Path(args.stop_file) if args.stop_file else self.out_dir / "stop_requested",
                                 tuple(t.stop_signals))
         self.rank, self.world, self.device = init_engine_process_group(args.local_rank, t.dist_timeout_s)
+        if self.device.type == "cuda":   # TF32 for the fp32 matmuls outside autocast (similarities, EMA-free parts)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.plan = BatchPlan(micro_batch=t.batch_size_per_rank, grad_accum=t.gradient_accumulation_steps,
                               world_size=self.world,
                               queue_size=run.model["queue_size"] if recipe_cls.uses_queue else None)

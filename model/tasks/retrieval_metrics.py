@@ -1,6 +1,6 @@
 """Image-text retrieval metrics (TR/IR R@1/5/10, their means, r_mean) with per-query ranks.
 
-As the reference `itm_eval` (spec section 4):
+As the reference `itm_eval` (docs/METHOD.md §8):
 - text retrieval (TR, image -> text): an image's rank is the best rank of any of
   its ground-truth captions in that image's row of `scores_i2t`;
 - image retrieval (IR, text -> image): a caption's rank is the rank of its image

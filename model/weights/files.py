@@ -1,7 +1,7 @@
 """Where the retrieval stage gets its weights, and the retrieval model they go into.
 
 `--checkpoint` may name:
-- a released-layout file (spec section 5): the released `ALBEF.pth`,
+- a released-layout file (docs/METHOD.md §7): the released `ALBEF.pth`,
   `ALBEF_4M.pth`, `flickr30k.pth`, `mscoco.pth` (text keys with or without
   `bert.`), or our `export/albef.pth`; `{"model": state_dict, ...}` or a bare
   state dict;
@@ -32,10 +32,10 @@ ZERO012_MODULE_FILE = "mp_rank_00_model_states.pt"
 ZERO3_MODULE_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
-def retrieval_model_config(cfg: dict, tokenizer) -> dict:
-    """The `model` section for the retrieval stage: retrieval mode, ids from the tokenizer,
+def retrieval_model_config(model_cfg: dict, tokenizer) -> dict:
+    """A `model` section for the retrieval stage: retrieval mode, ids from the tokenizer,
     and no `init` weights (the checkpoint supplies every tensor)."""
-    mcfg = copy.deepcopy(cfg["model"])
+    mcfg = copy.deepcopy(model_cfg)
     mcfg["retrieval"] = True
     mcfg["vision"]["init"] = None
     mcfg["text"]["init"] = None

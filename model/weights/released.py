@@ -214,7 +214,7 @@ def _text_prefix(key: str) -> str | None:
 
 
 def export_albef_state_dict(model: "ALBEF") -> dict[str, torch.Tensor]:
-    """Our state dict in the released layout (spec section 5): the `model` entry of ALBEF_4M.pth.
+    """Our state dict in the released layout (docs/METHOD.md §7): the `model` entry of ALBEF_4M.pth.
 
     Pretraining models use the BertForMaskedLM names (`text_encoder.bert.*`,
     `text_encoder.cls.*`); retrieval models the fine-tuned names (no `bert.`,
