@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.captions import pre_caption
+from pipeline.images import decode_rgb
 from pipeline.tokenize import text_batch
 from pipeline.transforms import ImageTransform
 
@@ -72,10 +73,8 @@ def _hashable(value):
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode fully (so truncation is caught here, not later in a transform)."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+    """Decode fully (so truncation is caught here, not later in a transform), as the shard path does."""
+    return decode_rgb(path)
 
 
 class RetrievalTrainDataset(Dataset):

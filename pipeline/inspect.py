@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.manifest import build_manifest, read_manifest
+from pipeline.remote import redact
 
 
 def inspect_folder(folder: str) -> dict:
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = inspect_folder(args.folder)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
-        print(f"pipeline.inspect: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # missing, unreachable (RemoteError) or not a manifest
+        print(f"pipeline.inspect: {redact(str(err))}", file=sys.stderr)
         return 2
     print(json.dumps(manifest, indent=2))
     return 0

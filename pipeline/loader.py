@@ -22,12 +22,22 @@ rank, worker, position), planned in `pipeline.order`:
   (seed, epoch, rank, worker, batch index)), given the same shard files,
   manifests, world size, num_workers, batch size, seed and shuffle buffer;
   `load_state_dict` refuses a state taken under different settings.
-- Bad samples never raise and never sleep: each batch carries its worker's
-  counts by reason since its previous batch (`_bad`); the training process
-  sums those of consumed batches into `stats()`.
+- Bad samples never raise and never sleep (remote shards' retries do wait,
+  bounded: `remote_timeout_s`, `remote_retries`): each batch carries its
+  worker's counts by reason since its previous batch (`_bad`); the training
+  process sums those of consumed batches into `stats()` and `bad_samples()`.
+  A bad sample met again in the same epoch is not counted again: after a
+  wrap (exact, resume included), or when resampling draws its shard again
+  (remembered by the worker while it runs; a resume starts afresh).
+- `bad_samples()` is the flat {reason: count} of DISTINCT bad samples this
+  rank met in the current epoch; the ranks' ranges of an epoch do not
+  overlap, so its sum over ranks is the epoch's distinct bad samples
+  (resampled mode draws with replacement: there, distinct per worker).
+  `shard_problems` ({reason: shards} left out or cut short while resolving
+  the spec) is the same on every rank: show it once, do not sum it.
 
 WebDataset provides the tar reading and the opener (`pipeline.shards`); its
-pipeline stages are not used, for the reasons of spec section 7: `with_epoch`
+pipeline stages are not used, for these reasons: `with_epoch`
 counts per worker, its node splitting leaves ranks with unequal sample
 counts, it has no mid-epoch position, and `warn_and_continue` sleeps.
 
@@ -37,6 +47,7 @@ integer `image_id`, and `__key__` (list of B sample keys, for tracing).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -52,7 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.captions import DEFAULT_MAX_WORDS
 from pipeline.order import Layout, RangePlan, ResampledPlan, derive_seed, emit_from, epoch_order
 from pipeline.samples import DEFAULT_MAX_PIXELS, Decoded, SampleDecoder
-from pipeline.shards import read_segment, resolve_sources
+from pipeline.shards import Remote, read_segment, redact, resolve_sources
 from pipeline.tokenize import text_batch
 from pipeline.transforms import AugmentConfig, ImageTransform, normalize_batch
 
@@ -109,6 +120,10 @@ class ShardLoader:
         max_pixels: images above this many pixels are rejected as absurd.
         augment: overrides of `AugmentConfig` (reference values by default).
         pin_memory, prefetch_factor: passed to the DataLoader.
+        allow_pipe: accept `pipe:COMMAND` sources, which run shell commands (refused by default).
+        remote_timeout_s: the longest one remote open or read may take before it counts as failed.
+        remote_retries: further attempts after a transient remote failure, with backoff; then the
+            shard's samples are skipped as `remote_timeout` or `unreachable`.
     """
 
     def __init__(self, spec: str | Sequence[str], tokenizer, *, batch_size: int, rank: int = 0,
@@ -116,7 +131,8 @@ class ShardLoader:
                  image_res: int = 256, max_tokens: int = 25, resampled: bool = False,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_words: int = DEFAULT_MAX_WORDS,
                  max_pixels: int = DEFAULT_MAX_PIXELS, augment: dict | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2):
+                 pin_memory: bool = False, prefetch_factor: int = 2, allow_pipe: bool = False,
+                 remote_timeout_s: float = 60.0, remote_retries: int = 3):
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                  ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
                                  ("max_tokens", max_tokens, 2), ("max_words", max_words, 1)):
@@ -125,10 +141,13 @@ class ShardLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.spec = spec
-        self.sources = resolve_sources(spec)
+        self.remote = Remote(remote_timeout_s, remote_retries)
+        self.sources = resolve_sources(spec, allow_pipe=allow_pipe, remote=self.remote)
         if not resampled and any(s.weight is not None for s in self.sources):
-            raise ValueError(f"shard spec {spec!r} gives source weights; weights mix sources only "
+            raise ValueError(f"shard spec {redact(spec)!r} gives source weights; weights mix sources only "
                              f"with resampled=True")
+        self.shard_problems = dict(sum((s.problems for s in self.sources), Counter()))
+        self._read = functools.partial(read_segment, allow_pipe=allow_pipe, remote=self.remote)
         self.shards = [shard for source in self.sources for shard in source.shards]
         self.layout = Layout(sum(s.samples for s in self.shards), world_size, max(1, num_workers), batch_size)
         self.tokenizer = tokenizer
@@ -177,6 +196,7 @@ class ShardLoader:
 
     def _start_epoch(self, epoch: int) -> None:
         self._epoch = epoch
+        self._epoch_bad: Counter = Counter()
         self._batches = 0
         self._positions = [{"raw": 0, "batches": 0} for _ in range(self.layout.workers)]
         self._advance_when_done = True
@@ -206,7 +226,9 @@ class ShardLoader:
             self._positions[worker] = {"raw": raw, "batches": made}
             self._batches += 1
             self._stats["good"] += len(batch["__key__"])
-            self._stats["bad"].update(batch.pop(_BAD_KEY))
+            bad = batch.pop(_BAD_KEY)
+            self._stats["bad"].update(bad)
+            self._epoch_bad.update(bad)
             self._stats["repeated"] += int(batch.pop(_REPEATED_KEY))
             yield batch
         if self._batches != self.batches_per_epoch:
@@ -223,7 +245,7 @@ class ShardLoader:
         """JSON-serialisable position of this rank: epoch, batches consumed, per-worker positions."""
         return {"version": STATE_VERSION, "epoch": self._epoch, "batches": self._batches,
                 "positions": [dict(p) for p in self._positions], **self._settings(),
-                "stats": self.stats()}
+                "stats": self.stats(), "epoch_bad": self.bad_samples()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; refuses one taken under other settings."""
@@ -240,12 +262,18 @@ class ShardLoader:
         stats = state.get("stats", {})
         self._stats = {"good": int(stats.get("good", 0)), "bad": Counter(stats.get("bad", {})),
                        "repeated": int(stats.get("repeated", 0))}
+        self._epoch_bad = Counter(state.get("epoch_bad", {}))
 
     def stats(self) -> dict:
-        """Samples delivered, bad samples skipped by reason, and samples re-read after a wrap
-        (all counted over consumed batches since construction or the loaded state)."""
+        """Samples delivered, bad samples skipped by reason (each once per epoch), and samples
+        re-read after a wrap (all counted over consumed batches since construction or the loaded
+        state, so a sample bad in every epoch counts once per epoch; see `bad_samples`)."""
         return {"good": self._stats["good"], "bad": dict(self._stats["bad"]),
                 "repeated": self._stats["repeated"]}
+
+    def bad_samples(self) -> dict[str, int]:
+        """Distinct bad samples this rank met in the current epoch, by reason (sum over ranks)."""
+        return dict(self._epoch_bad)
 
     # ---- worker side ----------------------------------------------------------
     def _plan(self, epoch: int, worker: int) -> RangePlan | ResampledPlan:
@@ -261,10 +289,11 @@ class ShardLoader:
             return
         plan = self._plan(epoch, worker)
         stream = emit_from(plan, position["raw"], self.shuffle_buffer,
-                           (self.seed, epoch, self.rank, worker), self.train, read_segment)
+                           (self.seed, epoch, self.rank, worker), self.train, self._read)
         # A pass over everything this worker can read without one good sample means it never will.
         give_up = plan.length if plan.length is not None else self.layout.total
         bad_run = 0
+        counted: set[tuple[str, str]] = set()  # bad samples this worker counted this epoch
         while made < quota:
             rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, made))
             samples: list[Decoded] = []
@@ -276,12 +305,16 @@ class ShardLoader:
                 raw_position = emitted.position
                 sample, reason = self.decoder(emitted.raw, rng)
                 if reason is not None:
-                    bad[reason] += 1
+                    identity = (emitted.raw.url, emitted.raw.key)
+                    if not emitted.repeated and identity not in counted:  # else met before this epoch
+                        counted.add(identity)
+                        bad[reason] += 1
                     bad_run += 1
                     if bad_run > give_up:
                         raise RuntimeError(
                             f"rank {self.rank} worker {worker}: {bad_run} bad samples in a row, more than "
-                            f"all {give_up} it can read this epoch (counts {dict(bad)}); spec {self.spec!r}")
+                            f"all {give_up} it can read this epoch (counts {dict(bad)}); "
+                            f"spec {redact(self.spec)!r}")
                     continue
                 bad_run = 0
                 repeated += emitted.repeated

@@ -23,7 +23,12 @@ Manifest fields (version 1):
     accounted (bool), settings {...}.
 
 `python -m pipeline.manifest DIR` rewrites DIR/manifest.json (e.g. as the last
-step after a Slurm array of download slices).
+step after a Slurm array of download slices). It is also how a folder that
+img2dataset made outside this project (webdataset output: `00000.tar`,
+`00000_stats.json`, ...) becomes loadable: without a plan, the shards are
+those with a tar and stats, and every row they count is an input row, so
+samples per shard are what the download stage would have recorded (rows that
+img2dataset was never given cannot be known and are not counted).
 """
 from __future__ import annotations
 
@@ -32,11 +37,14 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
 
 import fsspec
+
+from pipeline.remote import Remote, open_remote, redact
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -246,20 +254,32 @@ def _manifest_url(folder_or_url: str | os.PathLike) -> str:
     return url if url.endswith(".json") else f"{url}/{MANIFEST_NAME}"
 
 
-def read_manifest(folder_or_url: str | os.PathLike) -> dict:
+def read_manifest(folder_or_url: str | os.PathLike, remote: Remote = Remote()) -> dict:
     """Read the manifest of a shard folder: a local path or any fsspec URL
-    (`s3://bucket/cc3m`, `file:///data/cc3m`, `memory://x`), or the manifest file itself."""
+    (`s3://bucket/cc3m`, `file:///data/cc3m`, `memory://x`), or the manifest file itself.
+    A remote one is read under `remote`'s timeout and retries (RemoteError when it cannot be)."""
     url = _manifest_url(folder_or_url)
     try:
-        with fsspec.open(url, "r", encoding="utf-8") as file:
-            manifest = json.load(file)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"no shard manifest at {url}: make one with "
-                                f"`python -m pipeline.manifest DIR` (or pipeline.download)") from err
+        if "://" in url and not url.startswith("file://"):
+            with open_remote(url, remote) as file:
+                text = file.read()
+        else:
+            with fsspec.open(url, "rb") as file:
+                text = file.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {redact(url)}: make one with "
+                                f"`python -m pipeline.manifest DIR` (or pipeline.download)") from None
+    return parse_manifest(text, url)
+
+
+def parse_manifest(text: str | bytes, url: str) -> dict:
+    """A manifest from its JSON text; `url` only names it (redacted) in errors."""
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"shard manifest {url} is not valid JSON: {err}") from err
+        raise ValueError(f"shard manifest {redact(url)} is not valid JSON: {err}") from err
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
-        raise ValueError(f"shard manifest {url} has no 'shards' mapping")
+        raise ValueError(f"shard manifest {redact(url)} has no 'shards' mapping")
     return manifest
 
 
@@ -271,15 +291,41 @@ def shard_sizes(folder_or_url: str | os.PathLike) -> dict[str, int]:
     return {f"{base}/{name}": n for name, n in read_manifest(url)["shards"].items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Rebuild DIR/manifest.json from the shard folder's files.")
-    parser.add_argument("folder")
+def format_reasons(reasons: dict[str, int], total: int, title: str) -> str:
+    """Rows by reason as an aligned table under `title`, largest first, with shares of `total`."""
+    lines = [f"{title}; {total} rows by reason:"]
+    width = max((len(r) for r in reasons), default=0)
+    for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {reason:<{width}}  {count:>9}  {100 * count / max(total, 1):5.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.manifest",
+        description="Write DIR/manifest.json from the shard folder's files: after a Slurm array of "
+                    "download slices, or to make a folder img2dataset wrote elsewhere loadable.")
+    parser.add_argument("folder", help="local shard folder (00000.tar + 00000_stats.json ...)")
     args = parser.parse_args(argv)
-    manifest = write_manifest(args.folder)
-    print(json.dumps({"folder": args.folder, "complete": manifest["complete"],
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"pipeline.manifest: shard folder not found: {folder}", file=sys.stderr)
+        return 2
+    if not (folder / STAGING_DIR / PLAN_NAME).is_file() and not any(folder.glob("*" + STATS_SUFFIX)):
+        print(f"pipeline.manifest: {folder} has no img2dataset shards (NNNNN.tar with NNNNN_stats.json; "
+              f"img2dataset must run with output_format='webdataset')", file=sys.stderr)
+        return 2
+    manifest = write_manifest(folder)
+    print(format_reasons(manifest["reasons"], manifest["rows"]["input"],
+                         f"{folder / MANIFEST_NAME}: {len(manifest['shards'])} shards, "
+                         f"{manifest['total_samples']} samples"), file=sys.stderr)
+    print(json.dumps({"folder": str(folder), "complete": manifest["complete"],
                       "total_samples": manifest["total_samples"],
+                      "shards": len(manifest["shards"]),
+                      "unfinished_shards": manifest["unfinished_shards"],
                       "accounted": manifest["accounted"]}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

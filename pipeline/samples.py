@@ -7,11 +7,11 @@ per bad sample; at web scale that is hours).
 Caption source: a list under `json["caption"]` (several captions, e.g.
 COCO) gives one chosen at random; otherwise `txt`; otherwise a string
 `json["caption"]`. `json["image_id"]`, when an integer, becomes the
-sample's `idx` (retrieval fine-tuning).
+sample's `idx` (retrieval fine-tuning). Images become 8-bit RGB through
+`pipeline.images.decode_rgb`, the decode every path shares.
 """
 from __future__ import annotations
 
-import io
 import json
 import random
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.captions import DEFAULT_MAX_WORDS, pre_caption
+from pipeline.images import ImageTooLarge, UnreadableImage, decode_rgb
 from pipeline.shards import RawSample
 from pipeline.transforms import ImageTransform
 
@@ -38,6 +39,8 @@ BAD_REASONS = (
     "bad_metadata",       # json is not valid JSON
     "shard_unreadable",   # the sample's shard could not be opened
     "shard_damaged",      # the shard broke or ended before this sample
+    "remote_timeout",     # the sample's remote shard did not answer in time, retries included
+    "unreachable",        # the sample's remote shard's server refused or dropped the connection
 )
 
 
@@ -87,17 +90,10 @@ class SampleDecoder:
         if len(data) == 0:
             return None, "empty_image"
         try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:
+            return decode_rgb(data, self.max_pixels), None
+        except ImageTooLarge:
             return None, "image_too_large"
-        except Exception:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
-            return None, "corrupt_image"
-        if image.width * image.height > self.max_pixels:
-            return None, "image_too_large"
-        try:
-            image.load()
-            return (image if image.mode == "RGB" else image.convert("RGB")), None
-        except Exception:  # truncated or corrupt data surfaces only while decoding
+        except UnreadableImage:  # corrupt or truncated bytes
             return None, "corrupt_image"
 
 

@@ -15,15 +15,24 @@ split. Weights are the share of the stream's samples a source contributes in
 resampled mode; a source without a weight contributes in proportion to its
 sample count (sources either all carry weights or none does).
 
-Local paths and `file://` URLs are opened by WebDataset's `gopen`; every
-other fsspec protocol (`s3://`, `gs://`, `memory://`, ...) goes through an
-fsspec-backed handler registered in `webdataset.gopen.gopen_schemes`, which
-falls back to WebDataset's own handler (curl for https) when the fsspec
-implementation for that protocol is not installed.
+Local paths and `file://` URLs are opened as files; every other URL
+(`s3://`, `gs://`, `https://`, `memory://`, ...) through fsspec by
+`pipeline.remote`: each open and read under a deadline, transient failures
+retried with backoff (`Remote(timeout_s, retries)`), then the shard is
+skipped and counted as `remote_timeout` or `unreachable`. `s3://` and `gs://`
+need the `remote` extra (s3fs, gcsfs).
+
+`pipe:COMMAND` sources run a shell command, so a data spec could run
+anything: they are refused unless the caller passes `allow_pipe=True`
+(config `data.allow_pipe: true`).
 
 Samples per shard come from the `manifest.json` beside the shards
 (`pipeline.manifest.read_manifest`); a shard the manifest does not list is
 counted by reading its tar once (logged, since that reads the whole shard).
+A shard left out or cut short there is logged by name and counted in its
+source's `problems` (reason -> shards): `missing`, `shard_unreadable`,
+`shard_damaged` (the samples before the damage are kept), `remote_timeout`,
+`unreachable`. Every URL printed goes through `redact` (credentials hidden).
 """
 from __future__ import annotations
 
@@ -31,25 +40,28 @@ import glob as globlib
 import logging
 import os
 import re
-import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import braceexpand
-import fsspec
-from webdataset.gopen import gopen, gopen_schemes
+from webdataset.gopen import gopen_pipe
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from pipeline import remote as remote_io
 from pipeline.manifest import MANIFEST_NAME, read_manifest
+from pipeline.remote import Remote, RemoteError, describe, redact  # redact: also for callers of this module
 
 log = logging.getLogger(__name__)
 
 SOURCE_SEPARATOR = "::"
 _WEIGHT = re.compile(r"^(?P<pattern>.+):(?P<weight>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 _GLOB_CHARS = ("*", "?")
-# Schemes WebDataset's gopen opens itself before consulting its table.
-_GOPEN_NATIVE = ("file", "local")
+_LOCAL_SCHEMES = ("", "file", "local")
+MISSING = "missing"
+UNREADABLE = "shard_unreadable"
+DAMAGED = "shard_damaged"
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class Source:
     pattern: str
     weight: float | None
     shards: list[Shard] = field(default_factory=list)
+    problems: Counter = field(default_factory=Counter)  # reason -> shards left out or cut short
 
     @property
     def samples(self) -> int:
@@ -79,7 +92,21 @@ class RawSample:
     reason: str | None = None
 
 
-def split_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
+def refuse_pipe(url: str, allow_pipe: bool) -> None:
+    """ValueError for a `pipe:` source unless the caller opted in."""
+    if not allow_pipe and _scheme(url) == "pipe":
+        raise ValueError(f"shard source {redact(url)!r} is a 'pipe:' spec, which runs a shell command from a "
+                         f"data spec; refused unless opted in with data.allow_pipe: true")
+
+
+def is_safe_key(key: str) -> bool:
+    """Whether a sample key can name a file below a folder: relative, no '..', '.', empty part, '\\' or NUL."""
+    if not key or key.startswith("/") or "\\" in key or "\0" in key:
+        return False
+    return all(part not in ("", ".", "..") for part in key.split("/"))
+
+
+def split_spec(spec: str | Sequence[str], *, allow_pipe: bool = False) -> list[tuple[str, float | None]]:
     """Split a spec into (pattern, weight) pairs; see the module docstring for the syntax."""
     parts = [spec] if isinstance(spec, str) else list(spec)
     sources: list[tuple[str, float | None]] = []
@@ -88,19 +115,21 @@ def split_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
             piece = piece.strip()
             if not piece:
                 continue
+            refuse_pipe(piece, allow_pipe)
             match = _WEIGHT.match(piece)
             if match:
                 weight = float(match.group("weight"))
                 if weight <= 0:
-                    raise ValueError(f"shard spec {spec!r}: source {piece!r} has weight {weight}; weights must be > 0")
+                    raise ValueError(f"shard spec {redact(spec)!r}: source {redact(piece)!r} has weight {weight}; "
+                                     f"weights must be > 0")
                 sources.append((match.group("pattern"), weight))
             else:
                 sources.append((piece, None))
     if not sources:
-        raise ValueError(f"shard spec {spec!r} names no source")
+        raise ValueError(f"shard spec {redact(spec)!r} names no source")
     weighted = [w is not None for _, w in sources]
     if any(weighted) and not all(weighted):
-        raise ValueError(f"shard spec {spec!r}: either every source carries a :weight or none does")
+        raise ValueError(f"shard spec {redact(spec)!r}: either every source carries a :weight or none does")
     return sources
 
 
@@ -122,23 +151,27 @@ def _split_outside_brackets(text: str) -> list[str]:
     return pieces
 
 
-def expand_pattern(pattern: str) -> list[str]:
+def expand_pattern(pattern: str, remote: Remote = Remote()) -> list[str]:
     """Brace-expand, then glob the parts that hold `*` or `?` (sorted, so every rank agrees)."""
     urls: list[str] = []
     for item in braceexpand.braceexpand(pattern):
-        if not any(ch in item for ch in _GLOB_CHARS):
+        if _scheme(item) == "pipe" or not any(ch in item for ch in _GLOB_CHARS):
             urls.append(item)
         elif _is_local(item):
             urls.extend(sorted(globlib.glob(_local_path(item))))
         else:
-            fs, path = fsspec.core.url_to_fs(item)
-            urls.extend(sorted(fs.unstrip_protocol(p) for p in fs.glob(path)))
+            urls.extend(remote_io.glob(item, remote))
     return urls
 
 
+def _scheme(url: str) -> str:
+    if url[:5].lower() == "pipe:":  # WebDataset's syntax; the command may hold URLs of its own
+        return "pipe"
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
 def _is_local(url: str) -> bool:
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    return scheme in ("",) + _GOPEN_NATIVE
+    return _scheme(url) in _LOCAL_SCHEMES
 
 
 def _local_path(url: str) -> str:
@@ -150,98 +183,109 @@ def _split_url(url: str) -> tuple[str, str]:
     return folder or ".", name
 
 
-def resolve_sources(spec: str | Sequence[str]) -> list[Source]:
+def resolve_sources(spec: str | Sequence[str], *, allow_pipe: bool = False,
+                    remote: Remote = Remote()) -> list[Source]:
     """Expand every source of a spec into shards with their sample counts.
 
-    Fails with the spec in the message when no shard exists at all; a
-    pattern entry that neither the manifest lists nor exists is logged and
-    left out (a hole in a brace range is common after a partial download).
+    Fails with the spec in the message when no shard has samples at all; a
+    shard that is missing, unreadable or unreachable is logged, left out and
+    counted in its source's `problems` (a hole in a brace range is common
+    after a partial download).
     """
-    register_fsspec_opener()
-    sources = [Source(p, w) for p, w in split_spec(spec)]
-    manifests: dict[str, dict | None] = {}
+    sources = [Source(p, w) for p, w in split_spec(spec, allow_pipe=allow_pipe)]
+    manifests: dict[str, dict | RemoteError | None] = {}
     for source in sources:
-        for url in expand_pattern(source.pattern):
-            count = _shard_count(url, manifests)
-            if count is None:
-                log.warning("shard spec %r: %s does not exist; skipped", spec, url)
-                continue
-            if count == 0:
-                continue
-            source.shards.append(Shard(url, count))
-    empty = [s.pattern for s in sources if not s.shards]
+        for url in expand_pattern(source.pattern, remote):
+            refuse_pipe(url, allow_pipe)
+            count, problem = _shard_count(url, manifests, allow_pipe, remote)
+            if problem is not None:
+                source.problems[problem] += 1
+            if count > 0:
+                source.shards.append(Shard(url, count))
+    empty = [redact(s.pattern) for s in sources if not s.shards]
+    problems = sum((s.problems for s in sources), Counter())
+    note = f" (shards left out: {dict(problems)})" if problems else ""
     if len(empty) == len(sources):
-        raise ValueError(f"shard spec {spec!r} matches no shard with samples")
+        raise ValueError(f"shard spec {redact(spec)!r} matches no shard with samples{note}")
     if empty:
-        raise ValueError(f"shard spec {spec!r}: source(s) {empty} match no shard with samples")
+        raise ValueError(f"shard spec {redact(spec)!r}: source(s) {empty} match no shard with samples{note}")
     return sources
 
 
-def _shard_count(url: str, manifests: dict[str, dict | None]) -> int | None:
-    folder, name = _split_url(url)
-    if folder not in manifests:
-        manifests[folder] = _read_manifest_or_none(folder)
-    manifest = manifests[folder]
-    if manifest is not None and name in manifest.get("shards", {}):
-        return int(manifest["shards"][name])
-    if not _exists(url):
-        return None
-    log.warning("%s is not listed in a %s beside it; counting its samples by reading it", url, MANIFEST_NAME)
-    return count_samples(url)
+def _shard_count(url: str, manifests: dict, allow_pipe: bool, remote: Remote) -> tuple[int, str | None]:
+    """(samples, problem): from the manifest beside the shard, else by reading it."""
+    if _scheme(url) != "pipe":  # a command has no folder: it is read to be counted
+        folder, name = _split_url(url)
+        if folder not in manifests:
+            manifests[folder] = _manifest_or_failure(folder, remote)
+        manifest = manifests[folder]
+        if isinstance(manifest, RemoteError):
+            return 0, manifest.reason  # logged once, for the folder
+        if manifest is not None and name in manifest["shards"]:
+            return int(manifest["shards"][name]), None
+    return _count_by_reading(url, allow_pipe, remote)
 
 
-def _read_manifest_or_none(folder: str) -> dict | None:
+def _manifest_or_failure(folder: str, remote: Remote) -> dict | RemoteError | None:
+    """The folder's manifest; None when it has none; the RemoteError when it cannot be reached."""
     try:
-        return read_manifest(folder)
+        return read_manifest(folder, remote)
     except FileNotFoundError:
         return None
+    except RemoteError as exn:
+        log.warning("shard manifest %s/%s: %s; the shards beside it are skipped", redact(folder), MANIFEST_NAME,
+                    exn.detail)
+        return exn
+    except ValueError:  # not a manifest: the message names it
+        raise
+    except Exception as exn:  # a refusal (401/403), a missing fsspec backend: the spec must change
+        raise ValueError(f"shard manifest {redact(folder)}/{MANIFEST_NAME} could not be read "
+                         f"({describe(exn)})") from None
 
 
-def _exists(url: str) -> bool:
-    if _is_local(url):
-        return os.path.exists(_local_path(url))
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+def _count_by_reading(url: str, allow_pipe: bool, remote: Remote) -> tuple[int, str | None]:
+    try:
+        stream = open_shard(url, allow_pipe=allow_pipe, remote=remote)
+    except FileNotFoundError:
+        log.warning("shard %s does not exist; skipped", redact(url))
+        return 0, MISSING
+    except Exception as exn:
+        log.warning("shard %s could not be opened (%s); skipped", redact(url), describe(exn))
+        return 0, _reason(exn, UNREADABLE)
+    log.warning("%s is not listed in a %s beside it; counting its samples by reading it",
+                redact(url), MANIFEST_NAME)
+    count = 0
+    try:
+        with stream:
+            for _ in _key_groups(stream, url):
+                count += 1
+    except Exception as exn:
+        log.warning("shard %s is damaged after %d samples (%s); those are used, the rest is skipped",
+                    redact(url), count, describe(exn))
+        return count, _reason(exn, DAMAGED)
+    return count, None
 
 
-def count_samples(url: str) -> int:
-    """Number of key groups in one tar (reads the whole shard)."""
-    keys, last = 0, None
-    with open_shard(url) as stream:
-        for member in tarfile.open(fileobj=stream, mode="r|*"):
-            prefix, _ = base_plus_ext(member.name)
-            if member.isreg() and prefix is not None and prefix != last:
-                keys, last = keys + 1, prefix
-    return keys
+def _reason(exn: BaseException, default: str) -> str:
+    """The RemoteError's reason anywhere in the chain, else `default`."""
+    seen = set()
+    while exn is not None and id(exn) not in seen:
+        if isinstance(exn, RemoteError):
+            return exn.reason
+        seen.add(id(exn))
+        exn = exn.__cause__ or exn.__context__
+    return default
 
 
-def _fsspec_handler(fallback: Callable | None) -> Callable:
-    def gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
-        try:
-            fs, path = fsspec.core.url_to_fs(url)
-        except ImportError:
-            if fallback is None:
-                raise
-            return fallback(url, mode, bufsize, **kw)
-        return fs.open(path, mode)
-
-    gopen_fsspec.fsspec_backed = True
-    return gopen_fsspec
-
-
-def register_fsspec_opener() -> None:
-    """Route every fsspec protocol through fsspec in WebDataset's gopen (idempotent)."""
-    table = gopen_schemes
-    for scheme in fsspec.available_protocols():
-        if scheme in _GOPEN_NATIVE or getattr(table.get(scheme), "fsspec_backed", False):
-            continue
-        table[scheme] = _fsspec_handler(table.get(scheme))
-
-
-def open_shard(url: str):
-    """A binary stream for a shard, through WebDataset's gopen."""
-    register_fsspec_opener()
-    return gopen(url, "rb")
+def open_shard(url: str, *, allow_pipe: bool = False, remote: Remote = Remote()):
+    """A binary stream for a shard: a local file, a remote file (`pipeline.remote`) or an allowed pipe."""
+    refuse_pipe(url, allow_pipe)
+    scheme = _scheme(url)
+    if scheme == "pipe":
+        return gopen_pipe(url, "rb")
+    if scheme in _LOCAL_SCHEMES:
+        return open(_local_path(url), "rb")
+    return remote_io.open_remote(url, remote)
 
 
 def _key_groups(stream, url: str) -> Iterator[RawSample]:
@@ -272,23 +316,25 @@ def _key_groups(stream, url: str) -> Iterator[RawSample]:
         yield current
 
 
-def read_segment(url: str, start: int, stop: int) -> Iterator[RawSample]:
+def read_segment(url: str, start: int, stop: int, *, allow_pipe: bool = False,
+                 remote: Remote = Remote()) -> Iterator[RawSample]:
     """Exactly `stop - start` items: samples start..stop-1 of a shard, in tar order.
 
-    Positions the shard cannot deliver (it will not open, or it ends or
-    breaks before `stop`) come back as placeholders with `reason` set, so a
-    reader's position always matches the manifest's counts. Problems are
-    logged with the URL once per call.
+    Positions the shard cannot deliver (it will not open, or it ends, breaks
+    or stops answering before `stop`) come back as placeholders with `reason`
+    set, so a reader's position always matches the manifest's counts.
+    Problems are logged with the (redacted) URL once per call.
     """
-    index = start
+    refuse_pipe(url, allow_pipe)
     try:
-        stream = open_shard(url)
+        stream = open_shard(url, allow_pipe=allow_pipe, remote=remote)
     except Exception as exn:  # any opener failure: missing file, permissions, network
-        log.warning("shard %s could not be opened (%s: %s); its %d samples are skipped",
-                    url, type(exn).__name__, exn, stop - start)
-        yield from _placeholders(url, start, stop, "shard_unreadable")
+        reason = _reason(exn, UNREADABLE)
+        log.warning("shard %s could not be opened (%s); its %d samples are skipped as %s",
+                    redact(url), describe(exn), stop - start, reason)
+        yield from _placeholders(url, start, stop, reason)
         return
-    index = 0
+    index, reason = 0, DAMAGED
     try:
         with stream:
             for group in _key_groups(stream, url):
@@ -297,16 +343,17 @@ def read_segment(url: str, start: int, stop: int) -> Iterator[RawSample]:
                 if index >= start:
                     yield group
                 index += 1
-    except Exception as exn:  # tarfile.ReadError, EOFError, OSError mid-stream
-        log.warning("shard %s is damaged after %d samples (%s: %s); the rest of it is skipped",
-                    url, index, type(exn).__name__, exn)
+    except Exception as exn:  # tarfile.ReadError, EOFError, OSError mid-stream, RemoteError
+        reason = _reason(exn, DAMAGED)
+        log.warning("shard %s is damaged after %d samples (%s); the rest of it is skipped as %s",
+                    redact(url), index, describe(exn), reason)
     else:
         if index < stop:
-            log.warning("shard %s ended after %d samples; its manifest lists more", url, index)
-    yield from _placeholders(url, max(index, start), stop, "shard_damaged")
+            log.warning("shard %s ended after %d samples; its manifest lists more", redact(url), index)
+    yield from _placeholders(url, max(index, start), stop, reason)
 
 
 def _placeholders(url: str, start: int, stop: int, reason: str) -> Iterator[RawSample]:
-    name = _split_url(url)[1]
+    name = _split_url(redact(url))[1]
     for i in range(start, stop):
         yield RawSample(f"{name}#{i}", url, {}, reason)

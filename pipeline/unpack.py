@@ -9,16 +9,24 @@ its captions gathered in shard order. Written: `OUT/train.json`
 (`{image, caption, image_id}`, for `data.train_file`), `OUT/eval.json`
 (`{image, caption: [...]}`, for `data.test_file` / `data.val_file`), with
 `data.image_root=OUT`. Samples without an image or a caption are skipped and
-counted, as are slots of shards that could not be read.
+counted, as are slots of shards that could not be read. Image files are
+named after sample keys, and a key comes from a tar member's name, which
+anyone can set: a key that could land outside `OUT/images/` (absolute, `..`,
+`.`, empty parts, backslashes; see `pipeline.shards.is_safe_key`) is skipped
+and counted as `unsafe_key`, and one whose file another image already took
+as `duplicate_key`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
-from pipeline.shards import read_segment, resolve_sources
+from pipeline.shards import is_safe_key, read_segment, redact, resolve_sources
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -44,7 +52,9 @@ def unpack(spec: str, out: str | Path) -> dict:
     """Write images and the two annotation files; returns the counts."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    inside = (out / "images").resolve()
     images: dict[str, dict] = {}  # identity -> {"image": relative path, "captions": [...]}
+    written: set[str] = set()
     counts: Counter = Counter()
     for source in resolve_sources(spec):
         for shard in source.shards:
@@ -63,7 +73,20 @@ def unpack(spec: str, out: str | Path) -> dict:
                 identity = _identity(sample.key, sample.files)
                 if identity not in images:
                     rel = f"images/{sample.key}.{ext}"
-                    (out / rel).write_bytes(sample.files[ext])
+                    path = out / rel
+                    if not is_safe_key(sample.key) or not path.resolve().is_relative_to(inside):
+                        log.warning("%s: sample key %r is not a safe file name; skipped", redact(shard.url),
+                                    sample.key)
+                        counts["unsafe_key"] += 1
+                        continue
+                    if rel in written:
+                        log.warning("%s: sample key %r names a file already written; skipped",
+                                    redact(shard.url), sample.key)
+                        counts["duplicate_key"] += 1
+                        continue
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(sample.files[ext])
+                    written.add(rel)
                     images[identity] = {"image": rel, "captions": []}
                 images[identity]["captions"].append(caption)
                 counts["pairs"] += 1

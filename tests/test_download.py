@@ -185,7 +185,7 @@ def downloaded(image_server, tmp_path_factory):
     first = download_cli(tsv, out, "--url-list-slice", "0/2")
     assert first.returncode == 0, first.stderr
     return {"tsv": tsv, "out": out, "expected": expected, "after_second": after_second,
-            "lines": lines, "hits": Counter(image_server.hits) - start}
+            "lines": lines, "hits": Counter(image_server.hits) - start, "stderr": first.stderr}
 
 
 @pytest.mark.timeout(120)
@@ -205,6 +205,13 @@ def test_every_row_accounted_for(downloaded):
     accepted = [line.split("\t") for line in downloaded["lines"]]
     accepted = [url for caption, url in (f for f in accepted if len(f) == 2) if caption and url]
     assert downloaded["hits"] == Counter("/" + url.split("/", 3)[3] for url in accepted)
+
+
+def test_run_prints_counts_by_reason(downloaded):
+    """Not only a total: every reason with its count, on stderr (stdout's last line stays JSON)."""
+    lines = downloaded["stderr"].splitlines()
+    for reason, count in downloaded["expected"].items():
+        assert any(line.split()[:2] == [reason, str(count)] for line in lines), (reason, downloaded["stderr"])
 
 
 def test_slice_alone_reports_unfinished_shards(downloaded):
