@@ -80,3 +80,7 @@ class MapLoader:
     def stats(self) -> dict:
         """Images that failed to load and were replaced, by reason (this rank)."""
         return dict(self._failures)
+
+    def bad_samples(self) -> dict[str, int]:
+        """The same counts, as the engine sums them over ranks for the progress line."""
+        return dict(self._failures)

@@ -101,6 +101,7 @@ def init_engine_process_group(local_rank_arg: int | None, timeout_s: float):
     otherwise the CPU with gloo.
     """
     import datetime
+    import importlib
 
     import deepspeed
     import torch
@@ -110,6 +111,12 @@ def init_engine_process_group(local_rank_arg: int | None, timeout_s: float):
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg or 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    else:
+        # CPU ranks (tests, the demo) use gloo's collectives. DeepSpeed would first JIT-compile its
+        # shared-memory all-reduce (minutes of C++ on a small machine, redone when concurrent
+        # launches race on the build folder); gloo is plenty for CPU runs.
+        # (importlib: `import deepspeed.comm.torch as m` would bind the `torch` attribute of deepspeed.comm)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

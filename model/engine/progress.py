@@ -109,6 +109,7 @@ def progress_line(step: int, total: int, epoch: int, scalars: dict[str, float]) 
     return (f"step {step}/{total} ep {epoch} | {scalars['samples_per_s']:.1f} samples/s | "
             f"data {100 * scalars['data_wait_frac']:.1f}% | ETA {format_eta(eta)} | {losses} | "
             + (f"{accs} | " if accs else "")
+            + (f"bad {scalars['bad_samples']:.0f} | " if scalars.get("bad_samples") else "")
             + f"lr {scalars['lr']:.3g} alpha {scalars['alpha']:.3f} | mem {scalars['peak_mem_mb']:.0f} MB")
 
 
@@ -128,7 +129,8 @@ class MetricsLog:
             with self.csv_path.open() as f:
                 self.fieldnames = next(csv.reader(f), None)
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
+    def write(self, step: int, scalars: dict[str, float], tb_only: dict[str, float] | None = None) -> None:
+        """One CSV row (columns fixed by the first row) and TensorBoard scalars (+ `tb_only` ones)."""
         row = {"step": step, **scalars}
         if self.fieldnames is None:
             self.fieldnames = list(row)
@@ -136,7 +138,7 @@ class MetricsLog:
                 csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
-        for key, value in scalars.items():
+        for key, value in {**scalars, **(tb_only or {})}.items():
             if key != "epoch":
                 self.tb.add_scalar(f"train/{key}", value, step)
         self.tb.flush()

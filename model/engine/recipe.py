@@ -45,6 +45,8 @@ class TrainLoader(Protocol):
 
     def stats(self) -> dict: ...
 
+    def bad_samples(self) -> dict[str, int]: ...     # distinct bad samples of this rank, by reason
+
 
 @dataclass(frozen=True)
 class RunEnv:

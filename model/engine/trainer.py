@@ -328,12 +328,25 @@ class Trainer:
         return dict(zip(keys, (means / self.world).tolist()))
 
     def _log(self, window: dict[str, torch.Tensor], count: int, lr: float, alpha: float) -> None:
+        bad = self._bad_samples()
         scalars = {**self._reduce_means(window, count), **self.throughput.summary(),
-                   "lr": lr, "alpha": alpha, "epoch": self.epoch, "peak_mem_mb": peak_memory_mb(self.device)}
+                   "lr": lr, "alpha": alpha, "epoch": self.epoch, "peak_mem_mb": peak_memory_mb(self.device),
+                   "bad_samples": float(sum(bad.values()))}
         self.throughput.reset()
         if self.rank == 0:
             print("[train] " + progress_line(self.step, self.total_steps, self.epoch, scalars), flush=True)
-            self.metrics.write(self.step, scalars)
+            self.metrics.write(self.step, scalars, {f"bad/{reason}": n for reason, n in bad.items()})
+
+    def _bad_samples(self) -> dict[str, int]:
+        """Distinct bad samples of this epoch by reason, summed over ranks (logging steps only)."""
+        mine = self.loader.bad_samples()
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        total: dict[str, int] = {}
+        for counts in gathered:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + int(n)
+        return total
 
     def _epoch_end(self, sums: dict[str, torch.Tensor], count: int, boundary: bool, last: bool = False) -> None:
         """Epoch summary (logs/epochs.jsonl) and the epoch-end evaluation the recipe asks for."""

@@ -44,14 +44,19 @@ class PretrainData(DataSettings):
     shards: Union[str, list[str], None] = None   # shard spec (pipeline/shards.py)
     resampled: bool = False                      # draw shards with replacement, honouring :weights
     shuffle_buffer: int = 1000                   # raw samples a loader worker permutes at a time
+    allow_pipe: bool = False                     # accept `pipe:COMMAND` sources (they run shell commands)
+    remote_timeout_s: float = 60.0               # longest remote open/read before it counts as failed
+    remote_retries: int = 3                      # further tries of a failed remote read, with backoff
 
     def check(self, where: str) -> None:
         super().check(where)
         if not self.shards:
             raise ValueError(f"{where}.shards is not set: give the training shard spec "
                              f"(e.g. {where}.shards=/data/cc3m/{{00000..00331}}.tar)")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"{where}.shuffle_buffer={self.shuffle_buffer} must not be negative")
+        if self.shuffle_buffer < 0 or self.remote_retries < 0:
+            raise ValueError(f"{where}.shuffle_buffer and {where}.remote_retries must not be negative")
+        if self.remote_timeout_s <= 0:
+            raise ValueError(f"{where}.remote_timeout_s={self.remote_timeout_s} must be positive")
 
 
 class PretrainRecipe(Recipe):
@@ -89,7 +94,8 @@ class PretrainRecipe(Recipe):
                            world_size=self.env.world, num_workers=d.num_workers, seed=t.seed, train=True,
                            image_res=self.run.model["vision"]["image_res"], max_tokens=t.max_tokens,
                            resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, augment=d.augment,
-                           pin_memory=self.env.device.type == "cuda")
+                           pin_memory=self.env.device.type == "cuda", allow_pipe=d.allow_pipe,
+                           remote_timeout_s=d.remote_timeout_s, remote_retries=d.remote_retries)
 
     def step(self, module, batch, alpha, generator):
         device = self.env.device
