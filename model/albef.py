@@ -36,8 +36,8 @@ from torch import nn
 
 from model.encoders import build_text_encoder, build_vision_encoder
 from model.feature_queue import FeatureQueue
-from model.losses import (IGNORE_INDEX, itc_loss, itc_positives, itm_loss, mask_tokens, mlm_loss,
-                          sample_negatives)
+from model.losses import (IGNORE_INDEX, itc_loss, itc_positives, itm_loss, mask_tokens, mean_pairwise_cosine,
+                          mlm_loss, sample_negatives)
 from model.momentum import copy_online_to_momentum, ema_update, make_momentum_copies, parameter_pairs
 from model.settings import ALBEFSettings
 
@@ -68,6 +68,9 @@ class ALBEF(nn.Module):
             [self.visual_encoder, self.vision_proj, self.text_encoder, self.text_proj])
         self.queue = FeatureQueue(s.embed_dim, s.queue_size, with_idx=s.retrieval,
                                   global_batch_size=global_batch_size)
+        if s.grad_checkpointing:  # the online encoders only: the momentum copies never run backward
+            self.visual_encoder.set_grad_checkpointing(True)
+            self.text_encoder.set_grad_checkpointing(True)
 
     # ------------------------------------------------------------ parameters
 
@@ -167,7 +170,8 @@ class ALBEF(nn.Module):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """image [B,3,H,W], input_ids/attention_mask [B,L], idx [B] (retrieval) -> loss terms and accuracies.
 
-        Keys: `loss_itc`, `loss_itm`, `loss_mlm` (not in retrieval mode), `acc_itc`, `acc_itm`, `acc_mlm`.
+        Keys: `loss_itc`, `loss_itm`, `loss_mlm` (not in retrieval mode), `acc_itc`, `acc_itm`, `acc_mlm`,
+        and `cos_image` / `cos_text` (mean pairwise cosine of the batch's features: near 1 = collapsed).
         """
         s = self.settings
         if s.retrieval != (idx is not None):
@@ -194,7 +198,9 @@ class ALBEF(nn.Module):
         neg_text = sample_negatives(itc.sim_i2t[:, :bs].detach(), in_batch, generator)
         loss_itm, acc_itm = self.itm(image_tokens, text_tokens, attention_mask, neg_image, neg_text)
 
-        out = {"loss_itc": itc.loss, "loss_itm": loss_itm, "acc_itc": itc.accuracy, "acc_itm": acc_itm}
+        out = {"loss_itc": itc.loss, "loss_itm": loss_itm, "acc_itc": itc.accuracy, "acc_itm": acc_itm,
+               # spread of the unimodal features (near 1 = collapsed), for the trainer's health check
+               "cos_image": mean_pairwise_cosine(image_feat), "cos_text": mean_pairwise_cosine(text_feat)}
         if not s.retrieval:
             masked_ids, labels = mask_tokens(
                 input_ids, vocab_size=s.text.vocab_size, pad_token_id=s.text.pad_token_id,

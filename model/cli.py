@@ -49,8 +49,12 @@ def train_main(argv: list[str] | None = None, task: str | None = None) -> int:
         if args.dry_run:
             from model.engine.plan import dry_run
             return dry_run(args, recipe_cls, run)
-        from model.engine.trainer import run_training
-        return run_training(args, recipe_cls, run)
+        from model.engine.trainer import CollapseError, run_training
+        try:
+            return run_training(args, recipe_cls, run)
+        except CollapseError as err:
+            print(f"[train] rank {os.environ.get('RANK', '0')}: stopped: {err}", file=sys.stderr, flush=True)
+            return 3
     except (ValueError, FileNotFoundError) as err:
         print(f"[train] rank {os.environ.get('RANK', '0')}: error: {err}", file=sys.stderr, flush=True)
         return 2

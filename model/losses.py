@@ -161,3 +161,18 @@ def total_loss(terms: dict[str, torch.Tensor], weights: dict[str, float] | None 
     """Weighted sum of the `loss_*` entries of a model's output (weight 1.0 where none is given)."""
     weights = weights or {}
     return sum(weights.get(name, 1.0) * value for name, value in terms.items() if name.startswith("loss_"))
+
+
+@torch.no_grad()
+def mean_pairwise_cosine(feat: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between the different rows of L2-normalised features [B, D] (0-d, detached).
+
+    Near 1 when the encoder maps every input to the same direction (a collapse);
+    `(|sum f|^2 - B) / (B (B-1))` without forming the B x B matrix.
+    """
+    feat = feat.float()
+    b = feat.shape[0]
+    if b < 2:
+        return feat.new_zeros(())
+    total = feat.sum(0)
+    return ((total @ total) - (feat * feat).sum()) / (b * (b - 1))

@@ -4,7 +4,8 @@ metrics, and a per-rank JSON-lines record of every optimiser step.
 - `Throughput` times each step, splitting the time spent waiting for the next
   batch from the rest, over a logging window.
 - `MetricsLog` (rank 0): appends one row per logging window to
-  `logs/metrics.csv` and the same scalars to TensorBoard (`logs/tb/`). On resume
+  `logs/metrics.csv` and the same scalars to TensorBoard (`logs/tb/`) and, when
+  `train.report_to` names it, Weights & Biases (`logs/wandb/`). On resume
   the rows after the resumed step are dropped so the CSV stays one curve.
   Zero-shot retrieval metrics, when the run evaluates, go to `logs/eval.csv`.
 - `StepRecords` (every rank, with `train.debug_records`): `logs/records_rank{R}.jsonl`,
@@ -109,55 +110,75 @@ def progress_line(step: int, total: int, epoch: int, scalars: dict[str, float]) 
     return (f"step {step}/{total} ep {epoch} | {scalars['samples_per_s']:.1f} samples/s | "
             f"data {100 * scalars['data_wait_frac']:.1f}% | ETA {format_eta(eta)} | {losses} | "
             + (f"{accs} | " if accs else "")
+            + (f"cos img/txt {scalars['cos_image']:.2f}/{scalars['cos_text']:.2f} | "
+               if "cos_image" in scalars and "cos_text" in scalars else "")
             + (f"bad {scalars['bad_samples']:.0f} | " if scalars.get("bad_samples") else "")
             + f"lr {scalars['lr']:.3g} alpha {scalars['alpha']:.3f} | mem {scalars['peak_mem_mb']:.0f} MB")
 
 
 class MetricsLog:
-    """Rank-0 CSV + TensorBoard scalars, one row per logging window."""
+    """Rank-0 scalars, one row per logging window, to every backend of `train.report_to`: `csv`
+    (logs/metrics.csv, logs/eval.csv), `tensorboard` (logs/tb/), `wandb` (logs/wandb/, `model.engine.tracking`)."""
 
-    def __init__(self, log_dir: Path, resume_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, log_dir: Path, resume_step: int | None, report_to=("csv", "tensorboard"),
+                 run_name: str = "albef", config: dict | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.report_to = tuple(report_to)
         self.csv_path = log_dir / CSV_NAME
         for path in (self.csv_path, log_dir / EVAL_CSV_NAME):
             _truncate_after(path, resume_step)
-        self.tb = SummaryWriter(str(log_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+        self.tb = None
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(log_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+        self.wandb = None
+        if "wandb" in self.report_to:
+            from model.engine.tracking import WandbRun
+            self.wandb = WandbRun(log_dir, run_name, config or {}, resumed=resume_step is not None)
         self.fieldnames: list[str] | None = None
         if self.csv_path.is_file() and self.csv_path.stat().st_size:
             with self.csv_path.open() as f:
                 self.fieldnames = next(csv.reader(f), None)
 
     def write(self, step: int, scalars: dict[str, float], tb_only: dict[str, float] | None = None) -> None:
-        """One CSV row (columns fixed by the first row) and TensorBoard scalars (+ `tb_only` ones)."""
-        row = {"step": step, **scalars}
-        if self.fieldnames is None:
-            self.fieldnames = list(row)
-            with self.csv_path.open("w", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
-        with self.csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
-        for key, value in {**scalars, **(tb_only or {})}.items():
-            if key != "epoch":
-                self.tb.add_scalar(f"train/{key}", value, step)
-        self.tb.flush()
+        """One CSV row (columns fixed by the first row); the same scalars (+ `tb_only` ones, which are no
+        CSV columns) to TensorBoard and W&B as `train/<name>`."""
+        if "csv" in self.report_to:
+            row = {"step": step, **scalars}
+            if self.fieldnames is None:
+                self.fieldnames = list(row)
+                with self.csv_path.open("w", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
+            with self.csv_path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
+        self._scalars("train", {k: v for k, v in {**scalars, **(tb_only or {})}.items() if k != "epoch"}, step)
 
     def write_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """Evaluation metrics (`split/metric`): `logs/eval.csv` and TensorBoard `eval/*`."""
-        path = self.csv_path.with_name(EVAL_CSV_NAME)
-        new = not path.is_file()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", *metrics], extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({"step": step, **metrics})
-        for key, value in metrics.items():
-            self.tb.add_scalar(f"eval/{key}", value, step)
-        self.tb.flush()
+        """Evaluation metrics (`split/metric`): `logs/eval.csv`, TensorBoard and W&B `eval/*`."""
+        if "csv" in self.report_to:
+            path = self.csv_path.with_name(EVAL_CSV_NAME)
+            new = not path.is_file()
+            with path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["step", *metrics], extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow({"step": step, **metrics})
+        self._scalars("eval", metrics, step)
+
+    def _scalars(self, section: str, scalars: dict[str, float], step: int) -> None:
+        named = {f"{section}/{key}": value for key, value in scalars.items()}
+        if self.tb is not None:
+            for key, value in named.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(named, step)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def _truncate_after(path: Path, resume_step: int | None) -> None:

@@ -106,6 +106,10 @@ class Recipe:
         """
         raise NotImplementedError
 
+    def itc_chance(self) -> float | None:
+        """Accuracy of a guessing ITC (1 / columns of a similarity row), for the health check; None: no ITC."""
+        return None
+
     def after_step(self, module: nn.Module) -> None:
         """Called after every optimiser step on every rank (e.g. the temperature clamp)."""
 

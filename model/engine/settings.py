@@ -7,9 +7,12 @@ process group starts, with one line naming the setting (`model.settings.build_se
 """
 from __future__ import annotations
 
+import importlib.util
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+REPORT_BACKENDS = ("csv", "tensorboard", "wandb")   # train.report_to
 
 
 def _positive_ints(where: str, obj, *names: str) -> None:
@@ -52,7 +55,10 @@ class TrainSettings:
     # weight of each loss term in the summed loss (loss name without `loss_`); 1.0 = the paper's unweighted sum
     loss_weights: dict[str, float] = field(default_factory=dict)
     debug_records: bool = False          # per-step checksums/fingerprints in logs/records_rank{R}.jsonl (tests)
+    stop_on_collapse: bool = False       # a collapse found by the health check ends the run (exit 3), checkpointed
     init_checkpoint: Optional[str] = None  # weights to start from (fine-tuning); --checkpoint overrides
+    # where the scalars go (the same ones everywhere): logs/metrics.csv + eval.csv, logs/tb/, W&B (logs/wandb/)
+    report_to: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
 
     def check(self, where: str) -> None:
         _positive_ints(where, self, "epochs", "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps",
@@ -68,6 +74,12 @@ class TrainSettings:
                 raise ValueError(f"{where}.stop_signals: {name!r} is not a signal name (e.g. SIGUSR1)")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"{where}.dist_timeout_s={self.dist_timeout_s} must be positive")
+        for backend in self.report_to:
+            if backend not in REPORT_BACKENDS:
+                raise ValueError(f"{where}.report_to: {backend!r} is not a backend; "
+                                 f"known: {', '.join(REPORT_BACKENDS)}")
+        if "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"{where}.report_to: wandb is not installed (pip install -e '.[tracking]')")
 
 
 @dataclass

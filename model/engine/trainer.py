@@ -9,15 +9,16 @@ steps (nothing else in the loop waits for the device unless
 `train.debug_records` asks for per-step records).
 
 Per optimiser step: `recipe.after_step` (e.g. the temperature clamp); every
-`log_every` steps the progress line and metrics (CSV + TensorBoard); every
-`stop_check_every` steps the ranks agree on a stop request (file or signal);
+`log_every` steps the progress line and metrics (`train.report_to`: CSV, TensorBoard, W&B); the ranks
+agree on stop requests (signals every step, the stop file every `stop_check_every`);
 evaluation when the recipe asks for it (every N steps or at epoch ends), with the
 best value of `recipe.select_metric` picking the exported model; checkpoints
 every `checkpoint_every` steps, at the end and on a stop request. At the end:
 the export (`export/albef.pth` unless an evaluation chose another) and plots.
 
 Run folder: config.yaml (as written, `${VAR}` unexpanded), ds_config.json,
-checkpoints/, logs/ (metrics.csv, eval.csv, epochs.jsonl, tb/, records_rank{R}.jsonl
+checkpoints/, logs/ (train.log: rank 0's output outside Slurm, metrics.csv, eval.csv, epochs.jsonl, tb/,
+wandb/, records_rank{R}.jsonl
 with `train.debug_records`), plots/, export/.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -39,14 +41,17 @@ from model.losses import total_loss
 from model.engine.checkpointing import CheckpointManager, capture_rng, complete_tags, restore_rng
 from model.engine.config import RunConfig, save_config
 from model.engine.dist_env import apply_slurm_env, init_engine_process_group
-from model.engine.ds_config import BatchPlan, load_ds_config, resolve_ds_config, zero_stage
+from model.engine.ds_config import BatchPlan, autocast_dtype, load_ds_config, require_cuda, resolve_ds_config, \
+    zero_stage
 from model.engine.export import export_engine
+from model.engine.health import collapse_message, eval_problems, window_problems
 from model.engine.plot import plot_run
 from model.engine.preemption import StopRequest
 from model.engine.progress import MetricsLog, StepRecords, Throughput, peak_memory_mb, progress_line, \
     reset_peak_memory
 from model.engine.records import debug_record, start_record
 from model.engine.recipe import Recipe, RunEnv
+from model.engine.tracking import TRAIN_LOG, TeeOutput, rank_devices, tee_wanted
 from model.engine.schedule import LRSchedule, alpha_at
 from pipeline.tokenize import load_tokenizer
 
@@ -106,6 +111,10 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
+class CollapseError(RuntimeError):
+    """The health check found a collapse and `train.stop_on_collapse` is set."""
+
+
 class Trainer:
     """One training run of any task: built collectively on every rank, then `train()`."""
 
@@ -118,6 +127,7 @@ class Trainer:
         # Installed first: a stop request that arrives during start-up is served after the first step.
         self.stop = StopRequest(Path(args.stop_file) if args.stop_file else self.out_dir / "stop_requested",
                                 tuple(t.stop_signals))
+        require_cuda(load_ds_config(args.deepspeed_config), str(args.deepspeed_config), torch.cuda.is_available())
         self.rank, self.world, self.device = init_engine_process_group(args.local_rank, t.dist_timeout_s)
         if self.device.type == "cuda":   # TF32 for the fp32 matmuls outside autocast (similarities, EMA-free parts)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -171,7 +181,8 @@ class Trainer:
         dist.barrier()
         log_dir = self.out_dir / "logs"
         self.records = StepRecords(log_dir, self.rank) if t.debug_records else None
-        self.metrics = MetricsLog(log_dir, self.step if self.resumed_from else None) if self.rank == 0 else None
+        self.metrics = MetricsLog(log_dir, self.step if self.resumed_from else None, t.report_to,
+                                  run_name=self.out_dir.name, config=run.raw) if self.rank == 0 else None
         self.throughput = Throughput()
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -225,13 +236,17 @@ class Trainer:
         accum = self.plan.grad_accum
         if self.records is not None:
             self.records.write(start_record(self))
+        devices = self._rank_devices()
         if self.rank == 0:
             report = self.recipe.load_report()
             if report:
                 print(f"[train] {report}", flush=True)
-            print(f"[train] task {self.run.task}; world {self.world} x micro batch {self.plan.micro_batch} x "
-                  f"accum {accum} = global batch {self.plan.global_batch}; {self.batches_per_epoch} "
-                  f"batches/rank/epoch; ZeRO-{self.zero_stage}; steps {self.step} -> {self.total_steps}"
+            dtype = autocast_dtype(self.ds_cfg)
+            print(f"[train] task {self.run.task}; ranks {devices}; world {self.world} x micro batch "
+                  f"{self.plan.micro_batch} x accum {accum} = global batch {self.plan.global_batch}; "
+                  f"{self.batches_per_epoch} batches/rank/epoch; ZeRO-{self.zero_stage} "
+                  f"({self.args.deepspeed_config}); precision {dtype + ' autocast' if dtype else 'fp32'}; "
+                  f"steps {self.step} -> {self.total_steps}"
                   + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""), flush=True)
         self.engine.train()
         batches = iter(self.loader)
@@ -299,7 +314,9 @@ class Trainer:
             if self.step % t.checkpoint_every == 0 or last:
                 self._save()
                 saved = True
-            if (self.step % t.stop_check_every == 0 or last or saved) and self.stop.agreed(self.device):
+            # Signals (SIGTERM: Slurm's KillWait runs) are agreed at every step, the stop file every
+            # stop_check_every steps (model/engine/preemption.py).
+            if self.stop.at_step_boundary(check_file=self.step % t.stop_check_every == 0 or saved, final=last):
                 if not saved:
                     self._save()
                 if self.rank == 0:
@@ -333,9 +350,30 @@ class Trainer:
                    "lr": lr, "alpha": alpha, "epoch": self.epoch, "peak_mem_mb": peak_memory_mb(self.device),
                    "bad_samples": float(sum(bad.values()))}
         self.throughput.reset()
+        problems = window_problems(scalars, self.recipe.itc_chance()) if self.step > self.run.train.warmup_steps \
+            else []
+        scalars["collapse"] = float(bool(problems))
         if self.rank == 0:
             print("[train] " + progress_line(self.step, self.total_steps, self.epoch, scalars), flush=True)
             self.metrics.write(self.step, scalars, {f"bad/{reason}": n for reason, n in bad.items()})
+        self._on_problems(problems)
+
+    def _on_problems(self, problems: list[str]) -> None:
+        """Warn about a collapse; with `train.stop_on_collapse`, checkpoint and stop (same verdict on every rank)."""
+        if not problems:
+            return
+        message = collapse_message(self.step, problems)
+        if self.rank == 0:
+            print(f"[train] WARNING: {message}", flush=True)
+        if self.run.train.stop_on_collapse:
+            self._save()
+            raise CollapseError(message + " (train.stop_on_collapse: checkpoint written, run stopped)")
+
+    def _rank_devices(self) -> str:
+        """Every rank's device and the backend, e.g. `cuda:0..7 nccl` (collective)."""
+        entries = [None] * self.world
+        dist.all_gather_object(entries, (socket.gethostname(), str(self.device)))
+        return rank_devices(entries, dist.get_backend())
 
     def _bad_samples(self) -> dict[str, int]:
         """Distinct bad samples of this epoch by reason, summed over ranks (logging steps only)."""
@@ -374,8 +412,11 @@ class Trainer:
         metrics = self.recipe.evaluate(self.module, self.tokenizer, self.step, epoch)
         self.engine.train()
         flat = flatten_metrics(metrics)
+        problems = eval_problems(flat)
+        flat["collapse"] = float(bool(problems))
         if self.rank == 0:
             self.metrics.write_eval(self.step, flat)
+        self._on_problems(problems)
         improved = False
         if self.recipe.select_metric is not None:
             score = select_value(flat, self.recipe.select_metric)
@@ -429,4 +470,16 @@ def debug_record_batch(debug: dict, batch: dict) -> None:
 
 def run_training(args: argparse.Namespace, recipe_cls: type[Recipe], run: RunConfig) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Trainer(args, recipe_cls, run).train()
+    apply_slurm_env()
+    tee = None
+    if os.environ.get("RANK", "0") == "0" and tee_wanted():   # rank 0's output also in logs/train.log
+        tee = TeeOutput(Path(args.output_dir or run.train.output_dir) / "logs" / TRAIN_LOG)
+    try:
+        return Trainer(args, recipe_cls, run).train()
+    except BaseException as err:
+        if tee is not None:
+            tee.note_exception(err)
+        raise
+    finally:
+        if tee is not None:
+            tee.close()

@@ -97,6 +97,9 @@ class PretrainRecipe(Recipe):
                            pin_memory=self.env.device.type == "cuda", allow_pipe=d.allow_pipe,
                            remote_timeout_s=d.remote_timeout_s, remote_retries=d.remote_retries)
 
+    def itc_chance(self) -> float:
+        return 1.0 / (self.run.train.batch_size_per_rank + self.run.model["queue_size"])
+
     def step(self, module, batch, alpha, generator):
         device = self.env.device
         return module(batch["image"].to(device, non_blocking=True),

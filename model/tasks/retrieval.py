@@ -154,6 +154,9 @@ class RetrievalRecipe(Recipe):
                          seed=t.seed, collate_fn=TrainCollate(tokenizer, t.max_tokens),
                          num_workers=self.run.data.num_workers, pin_memory=self.env.device.type == "cuda")
 
+    def itc_chance(self) -> float:
+        return 1.0 / (self.run.train.batch_size_per_rank + self.run.model["queue_size"])
+
     def step(self, module, batch, alpha, generator):
         device = self.env.device
         return module(batch["image"].to(device, non_blocking=True),
@@ -223,6 +226,14 @@ class RetrievalRecipe(Recipe):
         if dataset.problems:
             lines.append(f"annotation problems: {dataset.problem_counts()} (each listed in the JSON)")
         lines.append(format_table(result.metrics, f"{self.run.name}/{split}"))
+        m = result.metrics
+        if "itc_distinct_sets_i2t" in m:
+            lines.append(f"ITC stage: {m['itc_distinct_sets_i2t']} distinct top-{self.run.eval.k_test} candidate "
+                         f"sets for {m['n_images'] - m['n_unscored_images']} image queries, "
+                         f"{m.get('itc_distinct_sets_t2i', 0)} for {m['n_texts'] - m['n_unscored_texts']} text queries"
+                         + ("  <- the ITC features have collapsed: the ITM head re-ranks the same candidates"
+                            " for every query" if min(m.get("itc_distinct_frac_i2t", 1), m.get("itc_distinct_frac_t2i", 1))
+                            < 0.1 else ""))
         record["table"] = "\n".join(lines)
         return record
 

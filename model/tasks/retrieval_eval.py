@@ -129,6 +129,27 @@ def itc_similarity(features: Features) -> torch.Tensor:
     return sims.masked_fill(~usable, float("-inf"))
 
 
+@torch.no_grad()
+def distinct_candidate_sets(sims: torch.Tensor, k: int) -> dict[str, float]:
+    """How many different top-k candidate sets the ITC stage hands the queries, per direction.
+
+    A collapsed ITC (all features alike) gives every query the same k candidates,
+    and an ITM re-ranking of them can still look better than chance: this makes
+    that visible. `itc_distinct_frac_*` = distinct sets / usable queries.
+    """
+    out = {}
+    for name, sim in (("i2t", sims), ("t2i", sims.t())):
+        rows = sim[torch.isfinite(sim).any(1)]
+        kk = min(k, int(torch.isfinite(sim).any(0).sum()))
+        if rows.shape[0] == 0 or kk == 0:
+            continue
+        top = rows.topk(kk, dim=1).indices.sort(dim=1).values
+        distinct = int(torch.unique(top, dim=0).shape[0])
+        out[f"itc_distinct_sets_{name}"] = distinct
+        out[f"itc_distinct_frac_{name}"] = distinct / rows.shape[0]
+    return out
+
+
 def query_block(n: int, rank: int, world: int) -> tuple[int, int, int]:
     """(start, end, per_rank) of this rank's contiguous query block, as the reference splits."""
     step = n // world + 1
@@ -199,6 +220,7 @@ def evaluate(model, dataset: RetrievalEvalDataset, tokenizer, *, k_test: int, ma
     s_i2t, s_t2i = rerank(model, features, sims, k_test)
     t2 = time.perf_counter()
     result = _metrics(dataset, s_i2t, s_t2i)
+    result.metrics.update(distinct_candidate_sets(sims, k_test))
     model.train(was_training)
     timings = {"features_s": t1 - t0, "rerank_s": t2 - t1, "metrics_s": time.perf_counter() - t2}
     return result, timings, (s_i2t, s_t2i)
@@ -210,7 +232,8 @@ def evaluate_itc(model, dataset: RetrievalEvalDataset, tokenizer, *, max_tokens:
                  num_workers: int = 0) -> dict:
     """ITC-only retrieval metrics (no re-ranking): fast zero-shot monitoring during training.
 
-    Returns the metric dict (`txt_r1` ... `r_mean`, counts). Every rank computes
+    Returns the metric dict (`txt_r1` ... `r_mean`, counts, and the distinct top-10
+    candidate sets of `distinct_candidate_sets`). Every rank computes
     the same features, so it is safe (and must be called on every rank) under a
     ZeRO-3-partitioned model.
     """
@@ -220,6 +243,7 @@ def evaluate_itc(model, dataset: RetrievalEvalDataset, tokenizer, *, max_tokens:
     features = compute_features(model, dataset, tokenizer, max_tokens=max_tokens,
                                 image_batch_size=image_batch_size, text_batch_size=text_batch_size,
                                 device=device, num_workers=num_workers)
-    sims = itc_similarity(features).cpu().numpy()
+    sims = itc_similarity(features)
     model.train(was_training)
-    return _metrics(dataset, sims, sims.T).metrics
+    scores = sims.cpu().numpy()
+    return {**_metrics(dataset, scores, scores.T).metrics, **distinct_candidate_sets(sims, k=10)}
