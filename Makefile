@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/download.py
+	$(PY) benchmarks/vqa.py
 
 clean:
 	rm -rf runs/demo
