@@ -54,8 +54,8 @@ class RunEnv:
     rank: int
     world: int
     device: torch.device
-    global_batch: int          # samples per optimiser step over all ranks
-    enqueue_batch: int         # samples per forward over all ranks (the queues' write size)
+    global_batch: int          # samples per optimiser step over all ranks (0: evaluation only)
+    enqueue_batch: int         # samples per forward over all ranks (the queues' write size; 0: evaluation only)
 
 
 class Recipe:
