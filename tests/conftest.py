@@ -15,6 +15,9 @@ pytest_plugins = [
     "tests.fixtures.retrieval",
     "tests.fixtures.slurm",
     "tests.fixtures.training",
+    "tests.fixtures.grounding",
+    "tests.fixtures.classify",
+    "tests.fixtures.vqa",
 ]
 
 

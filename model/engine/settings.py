@@ -38,7 +38,8 @@ class TrainSettings:
     min_lr: float = 1e-5                 # cosine floor
     weight_decay: float = 0.02           # 0 for 1-D parameters
     epochs: int = 30
-    alpha: float = 0.4                   # distillation weight, ramped from 0 over the first epoch
+    alpha: float = 0.4                   # distillation weight, ramped from 0 over the first epoch ...
+    alpha_warmup: bool = True            # ... when true (the reference's `warm_up`); false: alpha from step 0
     batch_size_per_rank: int = 64
     max_tokens: int = 25                 # caption truncation ([CLS] included)
     gradient_accumulation_steps: int = 1

@@ -196,6 +196,11 @@ class Trainer:
         """The epoch the data loader is in (it owns the data position)."""
         return self.loader.epoch
 
+    def _alpha(self) -> float:
+        """Distillation weight of the next micro-step: ramped over the first epoch, or constant."""
+        t = self.run.train
+        return alpha_at(self.micro_step, self.batches_per_epoch, t.alpha) if t.alpha_warmup else t.alpha
+
     # ------------------------------------------------------------------ checkpoints
 
     def _maybe_resume(self) -> str | None:
@@ -219,7 +224,7 @@ class Trainer:
     def _save(self) -> None:
         extra = {
             "step": self.step, "micro_step": self.micro_step, "epoch": self.epoch,
-            "alpha": alpha_at(self.micro_step, self.batches_per_epoch, self.run.train.alpha),
+            "alpha": self._alpha(),
             "global_batch": self.plan.global_batch, "config": self.run.raw, "task": self.run.task,
             "best_metric": self.best, **self.recipe.extra_state(self.module),
         }
@@ -271,7 +276,7 @@ class Trainer:
                 continue
             wait = time.perf_counter() - t0
             self.throughput.add_wait(wait)
-            alpha = alpha_at(self.micro_step, self.batches_per_epoch, t.alpha)
+            alpha = self._alpha()
             out = self.recipe.step(self.engine, batch, alpha, self.generator)
             loss = total_loss(out, self.weights)
             self.engine.backward(loss)
