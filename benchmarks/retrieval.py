@@ -3,6 +3,7 @@
     python benchmarks/retrieval.py                 # tiny, mid and base on the CPU (a few minutes)
     python benchmarks/retrieval.py --device cuda   # the same sizes on a GPU
     python benchmarks/retrieval.py --only base:64:16   # one run: config:n_images:k
+    python benchmarks/retrieval.py --throughput base --device cuda --k 256 --precision fp32 bf16
 
 Each run builds the model with random weights, a synthetic evaluation set of
 N images with 5 captions each (random pixels, random in-vocabulary words at the
@@ -13,12 +14,16 @@ run is its own subprocess so its peak memory is its own. The cost model:
     time ~ N_img * t_image + N_txt * t_text + (N_img + N_txt) * k * t_pair + N_img * N_txt * t_rank
 
 FLOPs per image, per text and per ITM pair are counted on the real modules
-with torch's FlopCounterMode. The extrapolation to COCO 5k test (5,000 images,
-25,000 captions, k=256) with the base model multiplies those counts by the
-workload and divides by an assumed sustained FLOP rate (see `GPU_ASSUMPTIONS`;
-evaluation runs in fp32, TF32 off, PyTorch's default); the metric time at full
-COCO size is measured here directly. Prints one JSON object per run, then the
-extrapolation.
+with torch's FlopCounterMode. `--throughput CONFIG` measures, on `--device` and
+per `--precision` (eval.precision: fp32, or bf16 autocast), images/s and
+texts/s of the unimodal encoders and ITM pairs/s of the re-ranking as
+`evaluate` runs it: one image against its k candidate texts (the image's
+cross-attention keys/values computed once) and one text against its k candidate
+images; and from those measured rates the time of a COCO 5k test evaluation
+(5,000 images, 25,000 captions, k=256; one process). The default run ends with
+that projection for the base model from rates measured on this device (small k
+on a CPU); the metric time at full COCO size is measured directly. Prints one
+JSON object per run, then the projection.
 """
 from __future__ import annotations
 
@@ -59,9 +64,6 @@ MID_OVERRIDES = {
              "intermediate_size": 1536},
     "embed_dim": 256,
 }
-# Sustained fp32 matmul throughput assumed for the extrapolation (TFLOP/s): half of the
-# dense fp32 peak (A100 19.5, H100/H200 SXM 67); what bf16 could reach is given for scale.
-GPU_ASSUMPTIONS = {"A100 fp32": 0.5 * 19.5, "H100/H200 fp32": 0.5 * 67.0, "H100/H200 bf16 (if added)": 0.4 * 989.0}
 
 
 def model_config(name: str, tokenizer) -> dict:
@@ -163,8 +165,73 @@ def one_run(name: str, n_images: int, k: int, device: str) -> dict:
     return out
 
 
-def coco_extrapolation(base_run: dict) -> dict:
-    """Cost of a COCO 5k test evaluation with the base model, from counted FLOPs and assumed rates."""
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Best wall time of `repeats` calls after one warm-up call (a shared machine only slows a call down)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def throughput(name: str, device: str, k: int, precision: str, repeats: int = 3, image_batch: int = 64,
+               text_batch: int = 256) -> dict:
+    """Measured images/s, texts/s and ITM pairs/s (both re-ranking directions) of one config."""
+    from model.tasks.retrieval_eval import eval_autocast
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    tokenizer = load_tokenizer("configs/tiny_vocab.txt")
+    mcfg = model_config(name, tokenizer)
+    model = ALBEF(mcfg).eval().to(dev)
+    res = mcfg["vision"]["image_res"]
+    length = load_config(REPO_ROOT / "configs" / "retrieval_base.yaml")["train"]["max_tokens"]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(max(image_batch, k), 3, res, res, generator=g).to(dev)
+    ids = torch.randint(mcfg["text"]["mask_token_id"] + 1, mcfg["text"]["vocab_size"], (max(text_batch, k), length),
+                        generator=g)
+    ids[:, 0] = mcfg["text"]["cls_token_id"]
+    ids, mask = ids.to(dev), torch.ones_like(ids).to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.no_grad(), eval_autocast(dev, precision):
+        image_s = _timed(lambda: model.encode_image(images[:image_batch]), dev, repeats)
+        text_s = _timed(lambda: model.encode_text(ids[:text_batch], mask[:text_batch]), dev, repeats)
+        img_tok = model.encode_image(images[:k])[0].float()     # evaluate keeps features in fp32
+        txt_tok = model.encode_text(ids[:k], mask[:k])[0].float()
+        zeros = torch.zeros(k, dtype=torch.long, device=dev)
+        i2t_s = _timed(lambda: model.itm_logits(img_tok[:1], txt_tok, mask[:k], image_index=zeros), dev, repeats)
+        t2i_s = _timed(lambda: model.itm_logits(img_tok, txt_tok[:1].expand(k, -1, -1), mask[:1].expand(k, -1)),
+                       dev, repeats)
+    rates = {"images_per_s": image_batch / image_s, "texts_per_s": text_batch / text_s,
+             "itm_pairs_per_s_i2t": k / i2t_s, "itm_pairs_per_s_t2i": k / t2i_s}
+    out = {"config": name, "device": device, "precision": precision, "k": k, "image_res": res,
+           "image_batch": image_batch, "text_batch": text_batch, **{key: round(v, 1) for key, v in rates.items()}}
+    out["coco_5k_projection"] = coco_projection(rates, k)
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    return out
+
+
+def coco_projection(rates: dict, measured_k: int) -> dict:
+    """Minutes of a COCO 5k test evaluation (one process) at the measured rates; re-ranking at k=256
+    uses the pairs/s measured at `measured_k` (per-pair cost barely depends on k once k fills the device)."""
+    n_img, n_txt, k = COCO["n_images"], COCO["n_texts"], COCO["k"]
+    seconds = {"image_features": n_img / rates["images_per_s"], "text_features": n_txt / rates["texts_per_s"],
+               "rerank_i2t": n_img * k / rates["itm_pairs_per_s_i2t"],
+               "rerank_t2i": n_txt * k / rates["itm_pairs_per_s_t2i"]}
+    return {"minutes": {key: round(v / 60, 2) for key, v in seconds.items()},
+            "total_minutes": round(sum(seconds.values()) / 60, 1), "itm_pairs": (n_img + n_txt) * k,
+            "rates_measured_at_k": measured_k}
+
+
+def coco_extrapolation(base_run: dict, rates: dict) -> dict:
+    """COCO 5k test with the base model: counted FLOPs, and the time at the rates measured here."""
     n_img, n_txt, k = COCO["n_images"], COCO["n_texts"], COCO["k"]
     pairs = (n_img + n_txt) * k
     gflop = {"image_features": n_img * base_run["gflops_per_image"],
@@ -186,16 +253,15 @@ def coco_extrapolation(base_run: dict) -> dict:
     return {
         "workload": {**COCO, "itm_pairs": pairs},
         "gflop": {key: round(v) for key, v in gflop.items()}, "total_pflop": round(total_gflop / 1e6, 2),
-        "estimated_minutes": {gpu: round(total_gflop / (tflops * 1e3) / 60, 1)
-                              for gpu, tflops in GPU_ASSUMPTIONS.items()},
-        "cpu_minutes_at_measured_base_rate": round(total_gflop / base_run["achieved_gflops_s"] / 60),
+        "measured_rates": {key: round(v, 2) for key, v in rates.items() if key != "coco_5k_projection"
+                           and isinstance(v, float)},
+        "projected_minutes_this_device": rates["coco_5k_projection"]["total_minutes"],
         "gpu_memory_gb": {"features_fp32": round(feature_bytes / 1e9, 1),
                           "score_matrices_fp32": round(score_bytes / 1e9, 1)},
         "metrics_s_measured_cpu": round(metrics_s, 1),
-        "assumptions": ("fp32 as `evaluate` runs (TF32 off); sustained TFLOP/s in GPU_ASSUMPTIONS; one ITM "
-                        "pass of k pairs per query as the reference; feature extraction dominated by "
-                        "compute (decoding 5k JPEGs with workers overlaps it); peak memory adds one "
-                        "k-pair fusion batch (< 1 GB)"),
+        "assumptions": ("one process; the rates of `throughput` (this device, fp32 as `evaluate` runs by "
+                        "default); one ITM pass of k pairs per query as the reference; feature extraction "
+                        "dominated by compute (decoding 5k JPEGs with workers overlaps it)"),
     }
 
 
@@ -203,10 +269,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", help="config:n_images:k (runs in this process)")
+    ap.add_argument("--throughput", metavar="CONFIG", choices=("tiny", "mid", "base"),
+                    help="measure images/s, texts/s and ITM pairs/s of CONFIG, and project COCO 5k")
+    ap.add_argument("--k", type=int, default=None, help="--throughput: candidates per query (default: 256 on "
+                                                        "cuda, 8 on cpu)")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image-batch", type=int, default=None, help="--throughput (default: 64 on cuda, 4 on cpu)")
     args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
     if args.only:
         name, n, k = args.only.split(":")
         print(json.dumps(one_run(name, int(n), int(k), args.device)), flush=True)
+        return
+    if args.throughput:
+        for precision in args.precision:
+            print(json.dumps(throughput(args.throughput, args.device, args.k or (256 if cuda else 8), precision,
+                                        args.repeats, args.image_batch or (64 if cuda else 4),
+                                        256 if cuda else 16)), flush=True)
         return
     runs = []
     for name, n, k in CPU_RUNS:
@@ -215,7 +295,10 @@ def main() -> None:
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(runs[-1]), flush=True)
     base = max((r for r in runs if r["config"] == "base"), key=lambda r: r["n_images"])
-    print(json.dumps({"coco_5k_base_extrapolation": coco_extrapolation(base)}, indent=1), flush=True)
+    rates = throughput("base", args.device, args.k or (256 if cuda else 8), args.precision[0], args.repeats,
+                       args.image_batch or (64 if cuda else 4), 256 if cuda else 16)
+    print(json.dumps(rates), flush=True)
+    print(json.dumps({"coco_5k_base_extrapolation": coco_extrapolation(base, rates)}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,28 @@ def text_settings_from_tokenizer(tokenizer) -> dict:
     return settings
 
 
+def compile_encoders(model: nn.Module) -> list[nn.Module]:
+    """`model.compile: true`: torch.compile, in place, the ViT (online and momentum) and every BERT layer.
+
+    `nn.Module.compile` compiles a module's `__call__` and leaves its parameters and their names
+    as they are (checkpoints, exports, DeepSpeed and the EMA see the same tensors). The text side is
+    compiled layer by layer because `encode` / `fuse` are methods, not `forward`. Compilation
+    happens at the first call (minutes for the base model). Returns the compiled modules.
+    """
+    compiled = []
+    for name in ("visual_encoder", "visual_encoder_m"):
+        if hasattr(model, name):
+            compiled.append(getattr(model, name))
+    for name in ("text_encoder", "text_encoder_m"):
+        encoder = getattr(model, name, None)
+        if encoder is not None:
+            compiled.extend(encoder.text_layers)
+            compiled.extend(encoder.fusion_layers)
+    for module in compiled:
+        module.compile()
+    return compiled
+
+
 class ALBEF(nn.Module):
     def __init__(self, cfg: dict, global_batch_size: int | None = None):
         super().__init__()
@@ -71,6 +93,8 @@ class ALBEF(nn.Module):
         if s.grad_checkpointing:  # the online encoders only: the momentum copies never run backward
             self.visual_encoder.set_grad_checkpointing(True)
             self.text_encoder.set_grad_checkpointing(True)
+        if s.compile:
+            compile_encoders(self)
 
     # ------------------------------------------------------------ parameters
 
@@ -124,9 +148,14 @@ class ALBEF(nn.Module):
         return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
 
     def itm_logits(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-        """Fusion layers over text-mode states with image tokens, ITM head on CLS -> [B,2] (1 = match)."""
-        fused = self.text_encoder.fuse(text_tokens, attention_mask, image_tokens)
+                   attention_mask: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion layers over text-mode states with image tokens, ITM head on CLS -> [B,2] (1 = match).
+
+        image_index long [B] (optional): `image_tokens` [B_img,N,D] are distinct images and text i is
+        paired with image_tokens[image_index[i]]; the cross-attention keys/values are then computed once
+        per distinct image (same logits as passing `image_tokens[image_index]`).
+        """
+        fused = self.text_encoder.fuse(text_tokens, attention_mask, image_tokens, image_index=image_index)
         return self.itm_head(fused[:, 0])
 
     # ------------------------------------------------------------ losses
@@ -144,26 +173,35 @@ class ALBEF(nn.Module):
         """ITM loss over bs positives, bs (text, negative image) and bs (negative text, image) pairs.
 
         neg_image[i]: the image paired with text i; neg_text[i]: the text paired with image i.
-        One fusion pass over the 3*bs pairs; returns (loss, accuracy).
+        One fusion pass over the 3*bs pairs; the bs distinct images go in once with an index per pair,
+        so each cross-attention projects them to keys/values once, not 3 times. Returns (loss, accuracy).
         """
+        bs = text_tokens.shape[0]
         texts = torch.cat([text_tokens, text_tokens, text_tokens[neg_text]])
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-        images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
-        return itm_loss(self.itm_logits(images, texts, masks), text_tokens.shape[0])
+        own = torch.arange(bs, device=neg_image.device)
+        image_index = torch.cat([own, neg_image, own])   # pair -> row of image_tokens
+        return itm_loss(self.itm_logits(image_tokens, texts, masks, image_index=image_index), bs)
 
     def mlm(self, masked_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
             image_tokens: torch.Tensor, image_tokens_m: torch.Tensor, alpha: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MLM distilled from the momentum model, scored only at the chosen positions."""
-        chosen = labels != IGNORE_INDEX  # [B,L]
+        """MLM distilled from the momentum model, scored only at the chosen positions.
+
+        The chosen positions are listed once (`nonzero`: their number M is data dependent, so this
+        is the forward's one device-to-host sync, docs/SPEED.md) and gathered from the
+        online states, the momentum states and the labels, in the order boolean-mask indexing gives.
+        """
         states = self.text_encoder.fuse(self.text_encoder.encode(masked_ids, attention_mask),
                                         attention_mask, image_tokens)
-        logits = self.text_encoder.mlm_head(states[chosen])  # [M,V]
+        positions = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # [M] into the B*L positions
+        logits = self.text_encoder.mlm_head(states.flatten(0, 1).index_select(0, positions))  # [M,V]
         with torch.no_grad():
             states_m = self.text_encoder_m.fuse(self.text_encoder_m.encode(masked_ids, attention_mask),
                                                 attention_mask, image_tokens_m)
-            soft_labels = F.softmax(self.text_encoder_m.mlm_head(states_m[chosen]).float(), dim=-1)
-        return mlm_loss(logits, labels[chosen], soft_labels, alpha)
+            soft_labels = F.softmax(self.text_encoder_m.mlm_head(
+                states_m.flatten(0, 1).index_select(0, positions)).float(), dim=-1)
+        return mlm_loss(logits, labels.flatten().index_select(0, positions), soft_labels, alpha)
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float, idx: torch.Tensor | None = None,

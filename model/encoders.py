@@ -8,6 +8,8 @@
   (`model.weights.released`) without using any of transformers' layer classes.
   Layers 0..k-1 are text layers (self-attention, FFN); layers k.. are fusion
   layers (self-attention, cross-attention to image tokens, FFN).
+  `set_grad_checkpointing()` (timm's name, `model.grad_checkpointing`) recomputes
+  each layer in backward (`torch.utils.checkpoint`, non-reentrant) when training.
 - MLM head: BERT's prediction head, decoder tied to the word embeddings.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.settings import TextSettings, VisionSettings
 
@@ -35,8 +38,15 @@ class VisionEncoder(VisionTransformer):
                          qkv_bias=s.qkv_bias, num_classes=0, global_pool="",
                          norm_layer=partial(nn.LayerNorm, eps=s.layer_norm_eps),
                          drop_path_rate=s.drop_path)
+        self.checkpoint_blocks = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.checkpoint_blocks = enable
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] -> [B,1+N,D]
+        # timm checkpoints its blocks whenever `grad_checkpointing` is set; only a training backward
+        # gains from it (as on the text side, eval-mode Grad-CAM needs the forward's own attention)
+        self.grad_checkpointing = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         return self.forward_features(images)
 
 
@@ -88,11 +98,15 @@ class Attention(nn.Module):
         return x.view(b, n, self.num_heads, h // self.num_heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, context_index: torch.Tensor | None = None) -> torch.Tensor:
         # x [B,L,H]; context [B,S,W]; context_mask bool [B,1,1,S] (True = attend) or None (all);
-        # causal: position i attends to context positions <= i only (decoder self-attention)
+        # causal: position i attends to context positions <= i only (decoder self-attention);
+        # context_index long [B]: context is [C,S,W] (C distinct contexts, e.g. images) and row i of x
+        # attends to context[context_index[i]]: keys/values are projected once per distinct context
         b, n, h = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+        if context_index is not None:
+            k, v = k.index_select(0, context_index), v.index_select(0, context_index)
         mask = context_mask
         if causal:
             lower = torch.ones(n, context.shape[1], dtype=torch.bool, device=x.device).tril()
@@ -156,9 +170,11 @@ class FusionLayer(nn.Module):
         self.cross_attn = Attention(s, vision_width)
         self.ffn = FeedForward(s)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        # every image token is attended (the reference's image attention mask is all ones)
-        return self.ffn(self.cross_attn(self.self_attn(x, x, mask), image, None))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        # every image token is attended (the reference's image attention mask is all ones);
+        # image_index [B]: `image` holds distinct images, row i of x pairs with image[image_index[i]]
+        return self.ffn(self.cross_attn(self.self_attn(x, x, mask), image, None, context_index=image_index))
 
 
 class MLMHead(nn.Module):
@@ -193,26 +209,44 @@ class TextFusionEncoder(nn.Module):
         self.text_layers = nn.ModuleList(TextLayer(s) for _ in range(s.num_text_layers))
         self.fusion_layers = nn.ModuleList(FusionLayer(s, vision_width) for _ in range(s.num_fusion_layers))
         self.mlm_head = MLMHead(s) if with_mlm_head else None
+        self.grad_checkpointing = False
         self.apply(partial(_bert_init, std=s.init_std))
         if self.mlm_head is not None:
             # one shared Parameter (tied as in BERT; ZeRO-3 gathers it for either module)
             self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _layer(self, layer: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """One layer, its activations recomputed in backward when checkpointing (training only: Grad-CAM
+        in eval mode reads the attention probabilities of the forward it ran)."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *inputs, use_reentrant=False)
+        return layer(*inputs)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # [B,L] ids, [B,L] mask -> [B,L,H] text-mode states
         mask = _attention_mask(attention_mask)
         x = self.embeddings(input_ids)
         for layer in self.text_layers:
-            x = layer(x, mask)
+            x = self._layer(layer, x, mask)
         return x
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
-             image_states: torch.Tensor) -> torch.Tensor:
-        # [B,L,H] text states, [B,L] mask, [B,N,W] image tokens -> [B,L,H] multimodal states
+             image_states: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        # [B,L,H] text states, [B,L] mask, [B,N,W] image tokens -> [B,L,H] multimodal states.
+        # image_index long [B] (optional): image_states is [B_img,N,W], the distinct images, and text i
+        # pairs with image_states[image_index[i]]; each cross-attention then projects the image tokens
+        # to keys/values once per distinct image and gathers them per pair (same result as
+        # `fuse(text_states, attention_mask, image_states[image_index])`, less work when images repeat)
         mask = _attention_mask(attention_mask)
         x = text_states
         for layer in self.fusion_layers:
-            x = layer(x, mask, image_states)
+            if image_index is None:
+                x = self._layer(layer, x, mask, image_states)
+            else:
+                x = self._layer(layer, x, mask, image_states, image_index)
         return x
 
 

@@ -220,6 +220,10 @@ class ALBEFSettings:
     mlm: MLMSettings
     vision: VisionSettings
     text: TextSettings
+    # recompute the online encoders' layer activations in backward: less memory, ~20% more FLOPs
+    grad_checkpointing: bool = False
+    # torch.compile each ViT and BERT layer in place (nn.Module.compile: parameter names unchanged)
+    compile: bool = False
 
     def check(self, where: str) -> None:
         _positive(where, embed_dim=self.embed_dim, queue_size=self.queue_size, temp_min=self.temp_min)

@@ -300,7 +300,10 @@ class ImageTransform:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return rand_augment(np.asarray(img), self.augment, rng)
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        # the test transform draws nothing, so `transform(img)` works as a torchvision transform would
+        if rng is None and self.train:
+            raise ValueError("the training transform draws its augmentation from rng: pass a random.Random")
         return normalize_batch([self.pixels(img, rng)], self.augment.mean, self.augment.std)[0]
 
 

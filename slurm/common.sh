@@ -22,6 +22,11 @@
 # write a checkpoint and exit; then the job requeues itself (`--requeue`), and
 # the new run continues with `--resume auto`. `scancel --signal=USR1 --batch JOB`
 # triggers the same path by hand.
+#
+# SIGTERM (scancel, preemption, the time limit itself) reaches every rank
+# directly; each checkpoints at its next step boundary and exits before Slurm's
+# SIGKILL (KillWait / GraceTime; docs/FAILURES.md). The batch shell traps TERM so
+# that it keeps waiting for srun instead of ending the job under the ranks.
 
 set -uo pipefail
 
@@ -66,6 +71,10 @@ on_warning() {
     touch "$STOP_FILE"
 }
 trap on_warning USR1
+on_term() {
+    echo "albef: $(date -Is) got SIGTERM: the ranks checkpoint at their next step boundary and exit"
+}
+trap on_term TERM
 
 echo "albef: $(date -Is) job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
      "$ALBEF_PYTHON model/train.py ${TRAIN_ARGS[*]}"

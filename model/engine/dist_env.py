@@ -6,13 +6,23 @@ module derives the torch ones from them so `srun python model/train.py ...` need
 no wrapper. A plain `python model/train.py ...` (no launcher, no job step; also
 inside a batch script without srun) is one process: world size 1. Variables
 already set are never overwritten.
+
+`watch_launcher` keeps ranks from outliving their launcher: `deepspeed` runs
+`python -m deepspeed.launcher.launch`, which starts the ranks; killing the top
+`deepspeed` (Ctrl-C sent to it alone, SIGTERM) leaves that per-node launcher and
+its ranks training on. Each rank watches the launcher processes above it (pidfd)
+and is told when one exits.
 """
 from __future__ import annotations
 
 import os
 import re
+import select
 import socket
-from typing import Mapping, MutableMapping
+import sys
+import threading
+import time
+from typing import Callable, Mapping, MutableMapping
 
 # MASTER_PORT when neither it nor a job id is given (torch's usual default).
 DEFAULT_MASTER_PORT = 29500
@@ -121,3 +131,98 @@ def init_engine_process_group(local_rank_arg: int | None, timeout_s: float):
                                timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+# ------------------------------------------------------------------ launcher watch
+
+# After the launcher is gone the rank stops at its next step boundary with a checkpoint;
+# if it is still alive this much later (stuck in I/O or a collective), it exits hard.
+ORPHAN_GRACE_S = 300.0
+_PER_NODE_LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torch.distributed.launch")
+_TOP_LAUNCHERS = ("deepspeed", "deepspeed.launcher.runner", "torchrun")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_launcher(args: list[str], names: tuple[str, ...]) -> bool:
+    return any(a in names or os.path.basename(a) in names for a in args[:4])
+
+
+def launcher_pids(pid: int | None = None) -> list[tuple[int, str]]:
+    """(pid, description) of the launchers above this process: its parent when that is a per-node
+    launcher (deepspeed's, torchrun's), and that launcher's parent when it is `deepspeed`/`torchrun`."""
+    ppid = _parent_of(pid or os.getpid())
+    if ppid is None or ppid <= 1:
+        return []
+    args = _cmdline(ppid)
+    if not _is_launcher(args, _PER_NODE_LAUNCHERS) and not _is_launcher(args, _TOP_LAUNCHERS):
+        return []
+    found = [(ppid, "the per-node launcher")]
+    top = _parent_of(ppid)
+    if top and top > 1 and _is_launcher(_cmdline(top), _TOP_LAUNCHERS):
+        found.append((top, "the launcher"))
+    return found
+
+
+def _wait_any_exit(pids: list[int]) -> int:
+    """Block until one of `pids` exits; returns it (pidfd where the kernel has it, else polling)."""
+    fds = {}
+    try:
+        for pid in pids:
+            try:
+                fds[os.pidfd_open(pid)] = pid
+            except ProcessLookupError:
+                return pid
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return fds[poller.poll()[0][0]]
+    except (AttributeError, OSError):        # no pidfd_open (old kernel, not Linux): poll every second
+        while True:
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return pid
+                except PermissionError:
+                    pass
+            time.sleep(1.0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def watch_launcher(on_gone: Callable[[str], None], grace_s: float = ORPHAN_GRACE_S) -> threading.Thread | None:
+    """Call `on_gone(description)` once (from a daemon thread) when a launcher above this rank exits;
+    `grace_s` later, if the process still runs, exit it hard. None when no launcher is above it."""
+    launchers = launcher_pids()
+    if not launchers:
+        return None
+    names = dict(launchers)
+
+    def watch() -> None:
+        gone = _wait_any_exit(list(names))
+        print(f"[train] pid {os.getpid()}: {names[gone]} (pid {gone}) exited: stopping", file=sys.stderr, flush=True)
+        on_gone(f"{names[gone]} (pid {gone})")
+        time.sleep(grace_s)
+        print(f"[train] pid {os.getpid()}: still running {grace_s:.0f}s after the launcher exited: exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+    return thread

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def resolve_ds_config(ds_cfg: dict, plan: BatchPlan, source: str = "deepspeed co
                 f"{source} enables '{section}': DeepSpeed would cast the momentum model and the queues "
                 f"to {section} and the EMA would stop moving (docs/METHOD.md §3). Use "
                 f'"torch_autocast": {{"enabled": true, "dtype": "bfloat16"}} instead')
+    check_communication_dtype(out, source)
     zero = out.get("zero_optimization", {})
     if int(zero.get("stage", 0)) == 3 and zero.get("stage3_param_persistence_threshold", None) != 0:
         raise ValueError(
@@ -94,6 +96,51 @@ def resolve_ds_config(ds_cfg: dict, plan: BatchPlan, source: str = "deepspeed co
             f"{plan.enqueue_batch} (batch_size_per_rank {plan.micro_batch} x {plan.world_size} ranks): "
             f"the queue pointer would not wrap cleanly; change the queue size, the batch or the ranks")
     return out
+
+
+COMMUNICATION_DTYPES = ("fp32", "fp16", "bf16")   # DeepSpeed 0.19.8's `communication_data_type` values
+
+
+def check_communication_dtype(ds_cfg: dict, source: str) -> None:
+    """The gradient-communication dtype keys: valid values, and no key that DeepSpeed would ignore.
+
+    `communication_data_type` (DeepSpeed's own top-level key: "fp32" | "fp16" | "bf16") sets the dtype
+    of gradient reductions, but in torch_autocast mode DeepSpeed 0.19.8's ZeRO-1/2/3 optimisers ignore
+    it: each parameter's gradient is reduced in the autocast dtype when its module is listed in
+    `torch_autocast.lower_precision_safe_modules` (default: torch.nn.Linear and Conv1d/2d/3d, i.e. almost
+    all of ALBEF's weights) and in fp32 otherwise (embeddings, LayerNorms, `temp`). There the knob is
+    `lower_precision_safe_modules` ([] = every reduction in fp32). Raises ValueError (one line).
+    """
+    if "communication_data_type" in ds_cfg:
+        value = ds_cfg["communication_data_type"]
+        if not isinstance(value, str) or value.lower() not in COMMUNICATION_DTYPES:
+            raise ValueError(f"{source}: communication_data_type={value!r} is not one of "
+                             f"{', '.join(COMMUNICATION_DTYPES)}")
+        if autocast_dtype(ds_cfg) is not None and zero_stage(ds_cfg) >= 1:
+            raise ValueError(
+                f"{source}: communication_data_type is ignored by DeepSpeed's ZeRO-{zero_stage(ds_cfg)} in "
+                f"torch_autocast mode (gradients of the modules in torch_autocast.lower_precision_safe_modules, "
+                f"default Linear/Conv, are reduced in {autocast_dtype(ds_cfg)}, the rest in fp32); remove it, or "
+                f"set \"torch_autocast\": {{\"lower_precision_safe_modules\": []}} to reduce everything in fp32")
+    modules = ds_cfg.get("torch_autocast", {}).get("lower_precision_safe_modules")
+    if modules is not None and not (isinstance(modules, list) and all(isinstance(m, str) and "." in m
+                                                                      for m in modules)):
+        raise ValueError(f"{source}: torch_autocast.lower_precision_safe_modules must be a list of class paths "
+                         f"such as \"torch.nn.Linear\", got {modules!r}")
+
+
+# Top-level key of our DeepSpeed JSONs (ignored by DeepSpeed): true in the GPU configs (ds_configs/zero{1,2,3}.json),
+# absent in the `*_cpu*.json` ones. Contents cannot tell them apart (the CPU bf16 configs enable the same
+# torch_autocast), and without it a launch on a node whose CUDA is broken would train on CPU ranks unnoticed.
+REQUIRES_CUDA = "albef_requires_cuda"
+
+
+def require_cuda(ds_cfg: dict, source: str, cuda_available: bool) -> None:
+    """Refuse a GPU DeepSpeed config where torch sees no CUDA device (one line, before any process group)."""
+    if ds_cfg.get(REQUIRES_CUDA, False) and not cuda_available:
+        raise ValueError(f"{source} is a GPU config (\"{REQUIRES_CUDA}\": true) but torch sees no CUDA device "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): fix the GPU "
+                         f"setup, or train on CPU ranks with a CPU config such as ds_configs/zero2_cpu.json")
 
 
 def zero_stage(ds_cfg: dict) -> int:

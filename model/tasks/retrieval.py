@@ -75,11 +75,14 @@ class RetrievalEval(EvalSettings):
     k_test: int = 128                    # candidates per query re-ranked by the ITM head
     image_batch_size: int = 64
     text_batch_size: int = 256
+    precision: str = "fp32"              # fp32 | bf16 (autocast for features and ITM re-ranking)
 
     def check(self, where: str) -> None:
         for name in ("k_test", "image_batch_size", "text_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name}={getattr(self, name)} must be a positive integer")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"{where}.precision={self.precision!r} must be fp32 or bf16")
 
 
 class RetrievalRecipe(Recipe):
@@ -104,7 +107,7 @@ class RetrievalRecipe(Recipe):
             raise ValueError(f"task {self.name} fine-tunes a pretrained model: give --checkpoint "
                              f"(or train.init_checkpoint)")
         model = ALBEF(retrieval_model_config(self.run.model, tokenizer),
-                      global_batch_size=self.env.enqueue_batch if self.env else None)
+                      global_batch_size=(self.env.enqueue_batch or None) if self.env else None)
         self._report, self.source = load_retrieval_weights(model, checkpoint)
         return model
 
@@ -187,7 +190,7 @@ class RetrievalRecipe(Recipe):
         e = self.run.eval
         return evaluate(module, dataset, tokenizer, k_test=e.k_test, max_tokens=self.run.train.max_tokens,
                         image_batch_size=e.image_batch_size, text_batch_size=e.text_batch_size,
-                        device=self.env.device, num_workers=self.run.data.num_workers)
+                        device=self.env.device, num_workers=self.run.data.num_workers, precision=e.precision)
 
     def _record(self, result, dataset, timings: dict, **extra) -> dict:
         """The JSON written after an evaluation: metrics, per-query ranks, problems, timings."""

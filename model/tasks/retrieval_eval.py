@@ -24,6 +24,7 @@ queries as misses and lists them.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -162,6 +163,8 @@ def rerank(model, features: Features, sims: torch.Tensor, k: int) -> tuple[np.nd
     """Score matrices i2t [N_img, N_txt] and t2i [N_txt, N_img]: ITM logits on the top-k, -100 elsewhere."""
     rank, world = _dist()
     f = features
+    # models whose itm_logits takes `image_index` (ALBEF) get each image's keys/values once per query
+    indexed = "image_index" in inspect.signature(model.itm_logits).parameters
 
     def one_direction(sim: torch.Tensor, query_ok: torch.Tensor, cand_ok: torch.Tensor, i2t: bool):
         n_q, n_c = sim.shape
@@ -175,7 +178,10 @@ def rerank(model, features: Features, sims: torch.Tensor, k: int) -> tuple[np.nd
             real = q < end and bool(query_ok[q])
             run_q = q if real else ok_rows[0]   # padding: same forward on every rank, result dropped
             top_idx = sim[run_q].topk(kk).indices
-            if i2t:
+            if i2t and indexed:   # one image, k texts: its cross-attention keys/values computed once, not k times
+                logits = model.itm_logits(f.image_tokens[run_q:run_q + 1], f.text_tokens[top_idx],
+                                          f.text_mask[top_idx], image_index=top_idx.new_zeros(kk))
+            elif i2t:
                 logits = model.itm_logits(f.image_tokens[run_q].expand(kk, -1, -1),
                                           f.text_tokens[top_idx], f.text_mask[top_idx])
             else:
@@ -198,13 +204,27 @@ def _metrics(dataset: RetrievalEvalDataset, s_i2t, s_t2i) -> RetrievalResult:
                              image_ok=dataset.image_ok, text_ok=dataset.text_ok)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}   # eval.precision -> autocast dtype (None: off)
+
+
+def eval_autocast(device: torch.device, precision: str):
+    """The autocast context of `eval.precision` (fp32: none). Stored features and scores stay fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"eval.precision={precision!r} is unknown; known: {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def evaluate(model, dataset: RetrievalEvalDataset, tokenizer, *, k_test: int, max_tokens: int = 30,
              image_batch_size: int = 64, text_batch_size: int = 256, device=None,
-             num_workers: int = 0) -> tuple[RetrievalResult, dict, tuple[np.ndarray, np.ndarray]]:
+             num_workers: int = 0, precision: str = "fp32"
+             ) -> tuple[RetrievalResult, dict, tuple[np.ndarray, np.ndarray]]:
     """Full evaluation (ITC top-k + ITM re-ranking).
 
     Returns the result, timings in seconds and the score matrices (i2t, t2i).
+    `precision` "bf16" runs the encoders and the re-ranking under bf16 autocast (features,
+    similarities and scores are kept in fp32).
 
     Collective: every rank calls it with the same dataset.
     """
@@ -212,12 +232,14 @@ def evaluate(model, dataset: RetrievalEvalDataset, tokenizer, *, k_test: int, ma
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    features = compute_features(model, dataset, tokenizer, max_tokens=max_tokens,
-                                image_batch_size=image_batch_size, text_batch_size=text_batch_size,
-                                device=device, num_workers=num_workers)
+    with eval_autocast(device, precision):
+        features = compute_features(model, dataset, tokenizer, max_tokens=max_tokens,
+                                    image_batch_size=image_batch_size, text_batch_size=text_batch_size,
+                                    device=device, num_workers=num_workers)
     t1 = time.perf_counter()
     sims = itc_similarity(features)
-    s_i2t, s_t2i = rerank(model, features, sims, k_test)
+    with eval_autocast(device, precision):
+        s_i2t, s_t2i = rerank(model, features, sims, k_test)
     t2 = time.perf_counter()
     result = _metrics(dataset, s_i2t, s_t2i)
     result.metrics.update(distinct_candidate_sets(sims, k_test))

@@ -4,6 +4,9 @@
   Hugging Face BERT into the text/fusion layers, timm/DeiT ViT weights with the
   position embedding resized (docs/METHOD.md §7).
 - `files.py`: where weights come from (a `.pth`, a run folder, a DeepSpeed checkpoint).
+- `load.py`: `load_albef` (model + image transform + tokenizer from a run, a checkpoint of any ZeRO
+  stage via `deepspeed_files.py`, a `.pth`, `.safetensors` or HF-style folder); `export_formats.py`
+  writes those formats (`python -m model.export`).
 
 Models are built with random weights; `build_albef` then loads the configured
 `vision.init` / `text.init` weights, so a model's `__init__` never reads files.

@@ -11,6 +11,11 @@
   ZeRO-0/1/2: the engine's `mp_rank_00_model_states.pt` holds the whole module).
   A ZeRO-3 checkpoint holds only partitions: export it first.
 
+Every file is read weights-only (`model/engine/safe_load.py`): a file holding
+anything but tensors and plain data (a pickle that could run code) is refused
+with one line naming it. The files of a DeepSpeed checkpoint are checked against
+its `checksums.json` first; a run folder's newest intact checkpoint is used.
+
 Everything ends in `model.weights.released.load_albef_state_dict`, which resizes the
 position embeddings to the configured resolution, accepts the expected
 differences (no `idx_queue` in a pretraining checkpoint, an MLM head that a
@@ -25,8 +30,9 @@ import torch
 
 from model.albef import ALBEF, text_settings_from_tokenizer
 from model.weights.released import LoadReport, export_albef_state_dict, load_albef_state_dict
-from model.engine.checkpointing import EXTRA_STATE, newest_complete
+from model.engine.checkpointing import EXTRA_STATE, complete_tags, newest_complete, verify_files
 from model.engine.export import EXPORT_NAME
+from model.engine.safe_load import UnreadableCheckpointError, UnsafeCheckpointError, deepspeed_globals, safe_load
 
 ZERO012_MODULE_FILE = "mp_rank_00_model_states.pt"
 ZERO3_MODULE_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -45,13 +51,22 @@ def retrieval_model_config(model_cfg: dict, tokenizer) -> dict:
 
 def _load_file(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a bad or foreign pickle
-        raise ValueError(f"--checkpoint {path}: cannot be read as a PyTorch checkpoint ({err})") from err
+        state = safe_load(path)
+    except UnsafeCheckpointError as err:
+        raise ValueError(f"--checkpoint {err}") from None
+    except UnreadableCheckpointError as err:
+        raise ValueError(f"--checkpoint {path}: cannot be read as a PyTorch checkpoint "
+                         f"({str(err).split(' (', 1)[-1]}") from None
     if not isinstance(state, dict):
         raise ValueError(f"--checkpoint {path}: holds a {type(state).__name__}, expected a state dict "
                          f"or {{'model': state_dict}}")
     return state
+
+
+def _checked(tag_dir: Path) -> str | None:
+    """Why the files `_deepspeed_state` reads from `tag_dir` fail their checksums, or None."""
+    status, problem = verify_files(tag_dir, [ZERO012_MODULE_FILE, EXTRA_STATE])
+    return problem if status == "damaged" else None
 
 
 def _deepspeed_state(tag_dir: Path) -> dict:
@@ -62,9 +77,14 @@ def _deepspeed_state(tag_dir: Path) -> dict:
             raise ValueError(f"--checkpoint {tag_dir}: a ZeRO-3 checkpoint holds only parameter partitions; "
                              f"use the run's export/{EXPORT_NAME} (written at the end of training)")
         raise FileNotFoundError(f"--checkpoint {tag_dir}: no {ZERO012_MODULE_FILE} (not a DeepSpeed checkpoint)")
-    # Our own trainer's files: DeepSpeed pickles its config objects, so a full unpickle is needed.
-    engine_state = torch.load(module_file, map_location="cpu", weights_only=False)
-    extra = torch.load(tag_dir / EXTRA_STATE, map_location="cpu", weights_only=False)
+    problem = _checked(tag_dir)
+    if problem:
+        raise ValueError(f"--checkpoint {tag_dir}: damaged checkpoint ({problem})")
+    try:   # weights-only, with exactly the classes DeepSpeed 0.19.8 writes
+        engine_state = safe_load(module_file, deepspeed_globals())
+        extra = safe_load(tag_dir / EXTRA_STATE)
+    except (UnsafeCheckpointError, UnreadableCheckpointError) as err:
+        raise ValueError(f"--checkpoint {err}") from None
     src_cfg = copy.deepcopy(extra["config"]["model"])
     src_cfg["vision"]["init"] = None
     src_cfg["text"]["init"] = None
@@ -77,6 +97,20 @@ def _deepspeed_state(tag_dir: Path) -> dict:
     return {"model": export_albef_state_dict(source)}
 
 
+def _newest_intact(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files pass their checksums (the one `latest` names first)."""
+    newest = newest_complete(ckpt_dir)
+    if newest is None:
+        return None
+    tags = [newest.name] + [t for t in reversed(complete_tags(ckpt_dir)) if t != newest.name]
+    for tag in tags:
+        problem = _checked(ckpt_dir / tag)
+        if problem is None:
+            return ckpt_dir / tag
+        print(f"[checkpoint] warning: {ckpt_dir / tag} is damaged ({problem}); trying the previous one", flush=True)
+    return newest   # all damaged: _deepspeed_state names the problem
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict, str]:
     """(checkpoint dict in the released layout, the file it came from)."""
     path = Path(path)
@@ -87,7 +121,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, str]:
     export = path / "export" / EXPORT_NAME
     if export.is_file():
         return _load_file(export), str(export)
-    tag = path if (path / EXTRA_STATE).is_file() else newest_complete(path / "checkpoints")
+    tag = path if (path / EXTRA_STATE).is_file() else _newest_intact(path / "checkpoints")
     if tag is None:
         raise FileNotFoundError(f"--checkpoint {path}: neither export/{EXPORT_NAME} nor a complete "
                                 f"checkpoint under checkpoints/")

@@ -1,0 +1,37 @@
+"""`benchmarks/gpu.sh --smoke`: the one-GPU benchmark's whole path on the CPU (tiny config, a few steps).
+
+Proves the script runs end to end (shards made on the spot, the real trainer with
+ZeRO-2, benchmarks/step.py, the loader, ITM re-ranking throughput) and writes one
+JSON with the summary keys; the numbers themselves are the GPU run's business.
+Several minutes on a loaded 2-core machine, hence `slow`.
+"""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_gpu_benchmark_smoke_writes_one_json(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([str(REPO / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=1700)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert result["mode"] == "smoke"
+    for name in ("train", "step", "loader", "retrieval"):
+        assert result[name]["status"] == "ok", (name, result[name])
+    summary = result["summary"]
+    assert summary["samples_per_s"] > 0 and 0 <= summary["data_wait_frac"] <= 1 and summary["peak_memory_mb"] > 0
+    assert result["train"]["steps"] == 6 and result["train"]["analytic_gflop_per_sample"] > 0
+    step_lines = result["step"]["results"]
+    assert "analytic_flops_per_sample" in step_lines[0] and step_lines[1]["analytic_gflops_per_sample"] > 0
+    assert 0.9 < step_lines[1]["counted_over_analytic"] < 1.1     # the analytic count matches FlopCounterMode
+    rates = result["retrieval"]["results"]
+    assert [r["precision"] for r in rates] == ["fp32", "bf16"]
+    assert all(r["itm_pairs_per_s_i2t"] > 0 and r["itm_pairs_per_s_t2i"] > 0 for r in rates)
+    assert any(key.startswith("shard_loader") for key in result["loader"]["results"])
