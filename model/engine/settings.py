@@ -51,7 +51,7 @@ class TrainSettings:
     checkpoint_every: int = 2000
     keep_checkpoints: int = 3
     stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1"])
-    stop_check_every: int = 10           # optimiser steps between the ranks' agreement on a stop request
+    stop_check_every: int = 10           # optimiser steps between checks of the stop file (signals: every step)
     dist_timeout_s: float = 1800.0
     # weight of each loss term in the summed loss (loss name without `loss_`); 1.0 = the paper's unweighted sum
     loss_weights: dict[str, float] = field(default_factory=dict)

@@ -407,7 +407,8 @@ class Trainer:
                                     "best": improved}) + "\n")
 
     def _loader_failures(self) -> int:
-        counts = torch.tensor([float(sum(self.loader.stats().values()))], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([float(sum(self.loader.bad_samples().values()))], dtype=torch.float64,
+                              device=self.device)
         dist.all_reduce(counts)
         return int(counts.item())
 
