@@ -420,6 +420,8 @@ class Trainer:
         flat = flatten_metrics(metrics)
         problems = eval_problems(flat)
         flat["collapse"] = float(bool(problems))
+        if self.records is not None:
+            self.records.write({"event": "eval", "step": self.step, "rank": self.rank, **flat})
         if self.rank == 0:
             self.metrics.write_eval(self.step, flat)
         self._on_problems(problems)
