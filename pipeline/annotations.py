@@ -3,7 +3,8 @@
 Train files: a list of `{"image": path, "caption": str, "image_id": any}`, one
 entry per caption. Val/test files: a list of `{"image": path, "caption": [str, ...]}`,
 one entry per image. Paths are relative to an image root (absolute paths are
-kept as they are).
+kept as they are), or name members of image shards (`pipeline/image_store.py`):
+every dataset here takes a folder path or an image store.
 
 Bad entries never vanish silently. Every problem becomes a report
 `{"file", "entry", "image", "reason", "detail"}` in `dataset.problems`:
@@ -24,7 +25,6 @@ Bad entries never vanish silently. Every problem becomes a report
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.captions import pre_caption
+from pipeline.image_store import ImageStore, as_store
 from pipeline.images import decode_rgb
 from pipeline.tokenize import text_batch
 from pipeline.transforms import ImageTransform
@@ -86,11 +87,11 @@ class RetrievalTrainDataset(Dataset):
     a sample is augmented the same way whichever worker or rank loads it.
     """
 
-    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: str | Path,
+    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: ImageStore | str | Path,
                  transform: ImageTransform, max_words: int = 30, max_load_retries: int = 10,
                  seed: int = 0):
         files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
-        self.image_root = str(image_root)
+        self.store = as_store(image_root)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -112,9 +113,9 @@ class RetrievalTrainDataset(Dataset):
                 if not caption.strip():
                     self.problems.append(_problem(file, n, image, EMPTY_CAPTION, repr(ann["caption"])))
                     continue
-                path = os.path.join(self.image_root, image)
-                if path not in self.idx_of_file and not os.path.isfile(path):
-                    self.problems.append(_problem(file, n, image, MISSING_IMAGE, path))
+                path = self.store.locate(image)
+                if path not in self.idx_of_file and not self.store.exists(path):
+                    self.problems.append(_problem(file, n, image, MISSING_IMAGE, f"{path} ({self.store!r})"))
                     continue
                 key = _hashable(image_id)
                 if file_of_id.setdefault(key, path) != path:
@@ -149,7 +150,7 @@ class RetrievalTrainDataset(Dataset):
             path, caption, idx = self.entries[i]
             rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
             try:
-                image = self.transform(load_rgb(path), rng)
+                image = self.transform(self.store.load(path), rng)
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 failures.append({"entry": i, "image": path, "reason": UNREADABLE_IMAGE,
                                  "detail": f"{type(err).__name__}: {err}"})
@@ -168,10 +169,10 @@ class RetrievalEvalDataset(Dataset):
     `problems`. Items are images: `{"image": tensor or None, "index", "error"}`.
     """
 
-    def __init__(self, ann_file: str | Path, image_root: str | Path, transform: ImageTransform,
+    def __init__(self, ann_file: str | Path, image_root: ImageStore | str | Path, transform: ImageTransform,
                  max_words: int = 30):
         self.ann_file = str(ann_file)
-        self.image_root = str(image_root)
+        self.store = as_store(image_root)
         self.transform = transform
         self.images: list[str | None] = []
         self.texts: list[str] = []
@@ -193,15 +194,15 @@ class RetrievalEvalDataset(Dataset):
                 ok = False
                 image = image if isinstance(image, str) else None
                 captions = captions if isinstance(captions, list) else []
-            path = os.path.join(self.image_root, image) if image is not None else None
+            path = self.store.locate(image) if image is not None else None
             owner = n
             if ok and path in first_slot:
                 owner = first_slot[path]
                 self.problems.append(_problem(ann_file, n, image, DUPLICATE_IMAGE,
                                               f"same image as entry {owner}; its captions go to entry {owner}"))
                 ok = False
-            elif ok and not os.path.isfile(path):
-                self.problems.append(_problem(ann_file, n, image, MISSING_IMAGE, path))
+            elif ok and not self.store.exists(path):
+                self.problems.append(_problem(ann_file, n, image, MISSING_IMAGE, f"{path} ({self.store!r})"))
                 ok = False
             elif ok:
                 first_slot[path] = n
@@ -237,7 +238,7 @@ class RetrievalEvalDataset(Dataset):
         if not self.image_ok[index]:
             return {"image": None, "index": index, "error": None}
         try:
-            image = self.transform(load_rgb(self.images[index]), random.Random(index))
+            image = self.transform(self.store.load(self.images[index]), random.Random(index))
             return {"image": image, "index": index, "error": None}
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return {"image": None, "index": index, "error": f"{type(err).__name__}: {err}"}

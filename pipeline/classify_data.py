@@ -6,6 +6,9 @@
 - NLVR2: `[{"images": ["dev/dev-850-0-img0.png", "dev/dev-850-0-img1.png"], "sentence": str,
   "label": "True"|"False"}]`, paths relative to `image_root`; label 1 = "True".
 
+Images come from a folder or from tar shards (`pipeline/image_store.py`): the
+same names either way.
+
 A record with a label outside its task's names (JSON `true`, "yes", "Neutral",
 ...), a missing field or a sentence that cleans to nothing is refused with the
 file and the record's position: the reference reads any NLVR2 label other than
@@ -22,7 +25,6 @@ and listed.
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.annotations import load_rgb, read_annotation_file
+from pipeline.annotations import read_annotation_file
 from pipeline.captions import pre_caption
+from pipeline.image_store import FolderImages, ImageStore, as_store
 from pipeline.tokenize import text_batch
 from pipeline.transforms import ImageTransform
 
@@ -44,7 +47,7 @@ UNREADABLE_IMAGE = "unreadable image"
 
 @dataclass(frozen=True)
 class Example:
-    images: tuple[str, ...]     # 1 (SNLI-VE) or 2 (NLVR2) image paths
+    images: tuple[str, ...]     # 1 (SNLI-VE) or 2 (NLVR2) images, as the image store names them
     sentence: str               # cleaned
     label: int
     file: str
@@ -68,25 +71,25 @@ def _sentence(file, entry: int, ann: dict, max_words: int) -> str:
     return pre_caption(raw, max_words)
 
 
-def read_ve(file: str | Path, image_root: str | Path, max_words: int = 30) -> list[Example]:
+def read_ve(file: str | Path, images: ImageStore, max_words: int = 30) -> list[Example]:
     out = []
     for n, ann in enumerate(read_annotation_file(file)):
         if not isinstance(ann, dict) or not isinstance(ann.get("image"), (str, int)):
             raise _record_error(file, n, "needs 'image' (image id), 'sentence' and 'label'")
         label = _label(file, n, ann.get("label"), VE_LABELS)
-        out.append(Example((os.path.join(str(image_root), f"{ann['image']}.jpg"),),
+        out.append(Example((images.locate(f"{ann['image']}.jpg"),),
                            _sentence(file, n, ann, max_words), label, str(file), n))
     return out
 
 
-def read_nlvr(file: str | Path, image_root: str | Path, max_words: int = 30) -> list[Example]:
+def read_nlvr(file: str | Path, images: ImageStore, max_words: int = 30) -> list[Example]:
     out = []
     for n, ann in enumerate(read_annotation_file(file)):
-        images = ann.get("images") if isinstance(ann, dict) else None
-        if not (isinstance(images, list) and len(images) == 2 and all(isinstance(i, str) for i in images)):
-            raise _record_error(file, n, f"'images' must be a list of two paths, got {images!r}")
+        pair = ann.get("images") if isinstance(ann, dict) else None
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(i, str) for i in pair)):
+            raise _record_error(file, n, f"'images' must be a list of two paths, got {pair!r}")
         label = _label(file, n, ann.get("label"), NLVR_LABELS)
-        out.append(Example(tuple(os.path.join(str(image_root), i) for i in images),
+        out.append(Example(tuple(images.locate(i) for i in pair),
                            _sentence(file, n, ann, max_words), label, str(file), n))
     return out
 
@@ -94,20 +97,22 @@ def read_nlvr(file: str | Path, image_root: str | Path, max_words: int = 30) -> 
 READERS = {"ve": read_ve, "nlvr": read_nlvr}
 
 
-def read_examples(task: str, files: str | Path | Sequence[str | Path], image_root: str | Path,
+def read_examples(task: str, files: str | Path | Sequence[str | Path], images: ImageStore | str | Path,
                   max_words: int = 30) -> list[Example]:
-    """All records of `files` (one path or several) for task "ve" or "nlvr"; missing image files refused."""
+    """All records of `files` (one path or several) for task "ve" or "nlvr"; images the store
+    (a folder or shards, pipeline/image_store.py) lacks are refused."""
     files = [files] if isinstance(files, (str, Path)) else list(files)
-    examples = [ex for file in files for ex in READERS[task](file, image_root, max_words)]
+    images = as_store(images)
+    examples = [ex for file in files for ex in READERS[task](file, images, max_words)]
     if not examples:
         raise ValueError(f"no records in {', '.join(map(str, files))}")
     checked: dict[str, bool] = {}
     absent = [(ex, path) for ex in examples for path in ex.images
-              if not checked.setdefault(path, os.path.isfile(path))]
+              if not checked.setdefault(path, images.exists(path))]
     if absent:
         shown = "; ".join(f"{ex.file} record {ex.entry}: {path}" for ex, path in absent[:3])
-        raise FileNotFoundError(f"{len(absent)} image file(s) named by the annotations do not exist: {shown}"
-                                f"{' ...' if len(absent) > 3 else ''} (check data.image_root)")
+        raise FileNotFoundError(f"{len(absent)} image file(s) named by the annotations are not in the {images!r}: "
+                                f"{shown}{' ...' if len(absent) > 3 else ''} (check data.image_root / image_shards)")
     return examples
 
 
@@ -115,8 +120,10 @@ class ClassifyDataset(Dataset):
     """Items: `image` [3,R,R] (one image) or [2,3,R,R] (a pair), `sentence`, `label`, `index`."""
 
     def __init__(self, examples: list[Example], transform: ImageTransform, seed: int = 0,
-                 max_load_retries: int = 10):
+                 max_load_retries: int = 10, images: ImageStore | None = None):
         self.examples = examples
+        self.images = images or FolderImages("")   # the store `read_examples` located the images in
+
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -132,7 +139,7 @@ class ClassifyDataset(Dataset):
     def _images(self, i: int) -> torch.Tensor:
         ex = self.examples[i]
         rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
-        images = [self.transform(load_rgb(path), rng) for path in ex.images]
+        images = [self.transform(self.images.load(ref), rng) for ref in ex.images]
         return images[0] if len(images) == 1 else torch.stack(images)
 
     def __getitem__(self, index: int) -> dict:

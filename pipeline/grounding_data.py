@@ -28,7 +28,6 @@ out), horizontal flip, RandAugment; test: the plain resize (`ImageTransform(trai
 """
 from __future__ import annotations
 
-import os
 import random
 from numbers import Real
 from pathlib import Path
@@ -40,8 +39,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.annotations import (EMPTY_CAPTION, MALFORMED, MISSING_IMAGE, UNREADABLE_IMAGE, RetrievalTrainDataset,
-                                  _problem, load_rgb, read_annotation_file)
+                                  _problem, read_annotation_file)
 from pipeline.captions import pre_caption
+from pipeline.image_store import ImageStore, as_store
 from pipeline.tokenize import text_batch
 from pipeline.transforms import AugmentConfig, ImageTransform, rand_augment
 
@@ -80,11 +80,11 @@ class GroundingTrainDataset(RetrievalTrainDataset):
     image basenames): expressions of one picture are ITC positives of each other.
     """
 
-    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: str | Path,
+    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: ImageStore | str | Path,
                  transform: ImageTransform, max_words: int = 30, max_load_retries: int = 10, seed: int = 0):
         Dataset.__init__(self)
         files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
-        self.image_root = str(image_root)
+        self.store = as_store(image_root)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -103,9 +103,9 @@ class GroundingTrainDataset(RetrievalTrainDataset):
                 if not expression.strip():
                     self.problems.append(_problem(file, n, image, EMPTY_CAPTION, repr(ann["expression"])))
                     continue
-                path = os.path.join(self.image_root, image)
-                if path not in self.idx_of_file and not os.path.isfile(path):
-                    self.problems.append(_problem(file, n, image, MISSING_IMAGE, path))
+                path = self.store.locate(image)
+                if path not in self.idx_of_file and not self.store.exists(path):
+                    self.problems.append(_problem(file, n, image, MISSING_IMAGE, f"{path} ({self.store!r})"))
                     continue
                 self.entries.append((path, expression, self.idx_of_file.setdefault(path, len(self.idx_of_file))))
         if not self.entries:
@@ -122,9 +122,10 @@ class GroundingEvalDataset(Dataset):
     (tensor or None), "frame" (height, width) of the boxes, "error"}.
     """
 
-    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: str | Path, split: str,
+    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: ImageStore | str | Path, split: str,
                  transform: ImageTransform, max_words: int = 30):
         files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
+        self.store = as_store(image_root)
         self.split = split
         self.transform = transform
         self.entries: list[dict] = []
@@ -140,12 +141,12 @@ class GroundingEvalDataset(Dataset):
                     continue
                 found.add(entry_split)
                 if entry_split == split:
-                    self._add(file, n, ann, str(image_root), max_words)
+                    self._add(file, n, ann, max_words)
         if not self.entries:
             raise ValueError(f"no '{split}' expressions in {', '.join(map(str, files))}; splits found: "
                              f"{', '.join(sorted(found)) or 'none'}")
 
-    def _add(self, file, n: int, ann: dict, image_root: str, max_words: int) -> None:
+    def _add(self, file, n: int, ann: dict, max_words: int) -> None:
         image = ann.get("image")
         expression = ann.get("expression")
         reason = detail = None
@@ -158,12 +159,12 @@ class GroundingEvalDataset(Dataset):
             reason, detail = BAD_PROPOSALS, "proposals must be a list of [x, y, w, h, ...] with w, h >= 0"
         elif not all(isinstance(ann.get(k, 1), int) and ann.get(k, 1) > 0 for k in ("width", "height")):
             reason, detail = MALFORMED, "width and height, when given, must be positive integers"
-        path = os.path.join(image_root, image) if isinstance(image, str) else None
+        path = self.store.locate(image) if isinstance(image, str) else None
         text = pre_caption(expression, max_words) if isinstance(expression, str) else ""
         if reason is None and not text.strip():
             reason, detail = EMPTY_CAPTION, repr(expression)
-        if reason is None and not os.path.isfile(path):
-            reason, detail = MISSING_IMAGE, path
+        if reason is None and not self.store.exists(path):
+            reason, detail = MISSING_IMAGE, f"{path} ({self.store!r})"
         if reason is not None:
             self.problems.append(_problem(file, n, image, reason, detail))
         self.entries.append({"image": path, "expression": text, "box": ann.get("box"),
@@ -182,7 +183,7 @@ class GroundingEvalDataset(Dataset):
         if item["error"] is not None:
             return item
         try:
-            img = load_rgb(entry["image"])
+            img = self.store.load(entry["image"])
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return {**item, "error": f"{UNREADABLE_IMAGE}: {type(err).__name__}: {err}"}
         frame = (entry["height"] or img.height, entry["width"] or img.width)

@@ -5,7 +5,8 @@ Files are JSON lists (docs/METHOD.md §11):
   "question_id": int, "answer": [str, ...]}` (the 10 human answers; absent in test files);
 - VG entry:  `{"dataset": "vg", "image": "image/1.jpg", "question": str, "answer": str}`;
 - answer list: `[str, ...]`, the candidates the model ranks at test time.
-Image paths are relative to `vqa_root` or `vg_root` by the entry's `dataset`.
+Image paths are relative to `vqa_root` or `vg_root` by the entry's `dataset`
+(or name members of `vqa_shards` / `vg_shards`: `pipeline/image_store.py`).
 
 Training targets (the reference's): a VQA question's distinct answers, each
 weighted by its share of the human answers (weights sum to 1); a VG question's
@@ -20,7 +21,6 @@ answer list.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections import Counter
@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.annotations import UNREADABLE_IMAGE, load_rgb, read_annotation_file
+from pipeline.annotations import UNREADABLE_IMAGE, read_annotation_file
+from pipeline.image_store import ImageStore, as_store
 from pipeline.tokenize import text_batch
 from pipeline.transforms import ImageTransform
 
@@ -69,18 +70,25 @@ def _where(file, n: int, ann) -> str:
     return f"{file} entry {n}" + (f" (question_id {qid})" if qid is not None else "")
 
 
-def _image_path(file, n, ann, roots: dict[str, str | None]) -> str:
+def _image_path(file, n, ann, stores: dict[str, ImageStore | None]) -> tuple[str, str]:
+    """(the entry's `dataset`, its image as that dataset's store names it)."""
     dataset = ann.get("dataset")
-    if dataset not in roots:
-        raise ValueError(f"{_where(file, n, ann)}: dataset {dataset!r} is unknown; known: {', '.join(roots)}")
-    if roots[dataset] is None:
-        raise ValueError(f"{_where(file, n, ann)}: a {dataset!r} entry, but data.{dataset}_root is not set")
+    if dataset not in stores:
+        raise ValueError(f"{_where(file, n, ann)}: dataset {dataset!r} is unknown; known: {', '.join(stores)}")
+    if stores[dataset] is None:
+        raise ValueError(f"{_where(file, n, ann)}: a {dataset!r} entry, but neither data.{dataset}_root "
+                         f"nor data.{dataset}_shards is set")
     if not isinstance(ann.get("image"), str):
         raise ValueError(f"{_where(file, n, ann)}: no image path (string 'image')")
-    path = os.path.join(roots[dataset], ann["image"])
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{_where(file, n, ann)}: image {path} not found")
-    return path
+    store = stores[dataset]
+    path = store.locate(ann["image"])
+    if not store.exists(path):
+        raise FileNotFoundError(f"{_where(file, n, ann)}: image {path} not found in the {store!r}")
+    return dataset, path
+
+
+def _stores(roots: dict[str, ImageStore | str | None]) -> dict[str, ImageStore | None]:
+    return {name: None if root is None else as_store(root) for name, root in roots.items()}
 
 
 def _question(file, n, ann, max_words: int) -> str:
@@ -105,17 +113,19 @@ class VQATrainDataset(Dataset):
     sample is augmented the same way whichever worker or rank loads it.
     """
 
-    def __init__(self, ann_files: Sequence[str | Path], roots: dict[str, str | None], transform: ImageTransform,
-                 vg_weight: float, max_words: int = TRAIN_QUESTION_WORDS, max_load_retries: int = 10,
-                 seed: int = 0):
+    def __init__(self, ann_files: Sequence[str | Path], roots: dict[str, ImageStore | str | None],
+                 transform: ImageTransform, vg_weight: float, max_words: int = TRAIN_QUESTION_WORDS,
+                 max_load_retries: int = 10, seed: int = 0):
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.max_load_retries = max_load_retries
-        self.entries: list[tuple[str, str, list[str], list[float]]] = []   # (path, question, answers, weights)
+        self.stores = _stores(roots)
+        # (dataset, image, question, answers, weights)
+        self.entries: list[tuple[str, str, str, list[str], list[float]]] = []
         for file in ann_files:
             for n, ann in enumerate(read_annotation_file(file)):
                 if not isinstance(ann, dict):
                     raise ValueError(f"{file} entry {n}: not a JSON object")
-                path = _image_path(file, n, ann, roots)
+                source, path = _image_path(file, n, ann, self.stores)
                 question = _question(file, n, ann, max_words)
                 raw = ann.get("answer")
                 if ann["dataset"] == "vg":
@@ -128,7 +138,7 @@ class VQATrainDataset(Dataset):
                         raise ValueError(f"{_where(file, n, ann)}: 'answer' must be a non-empty list of "
                                          f"non-empty strings, got {raw!r}")
                     answers, weights = answer_weights(raw)
-                self.entries.append((path, question, answers, weights))
+                self.entries.append((source, path, question, answers, weights))
         if not self.entries:
             raise ValueError(f"no questions in {', '.join(map(str, ann_files))}")
 
@@ -142,9 +152,9 @@ class VQATrainDataset(Dataset):
         failures = []
         for attempt in range(self.max_load_retries + 1):
             i = (index + attempt) % len(self.entries)
-            path, question, answers, weights = self.entries[i]
+            source, path, question, answers, weights = self.entries[i]
             try:
-                image = self.transform(load_rgb(path), random.Random(f"{self.seed}/{self.epoch}/{i}"))
+                image = self.transform(self.stores[source].load(path), random.Random(f"{self.seed}/{self.epoch}/{i}"))
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 failures.append({"entry": i, "image": path, "reason": UNREADABLE_IMAGE,
                                  "detail": f"{type(err).__name__}: {err}"})
@@ -163,9 +173,11 @@ class VQAEvalDataset(Dataset):
     An image that cannot be read stops the evaluation (every question must be answered).
     """
 
-    def __init__(self, ann_file: str | Path, roots: dict[str, str | None], transform: ImageTransform,
+    def __init__(self, ann_file: str | Path, roots: dict[str, ImageStore | str | None], transform: ImageTransform,
                  max_words: int = TEST_QUESTION_WORDS):
         self.ann_file, self.transform = str(ann_file), transform
+        self.stores = _stores(roots)
+        self.sources: list[str] = []     # each question's `dataset`, which names its image store
         self.images: list[str] = []
         self.questions: list[str] = []
         self.question_ids: list[int] = []
@@ -180,7 +192,9 @@ class VQAEvalDataset(Dataset):
             if qid in first:
                 raise ValueError(f"{ann_file} entry {n}: question_id {qid} repeats entry {first[qid]}")
             first[qid] = n
-            self.images.append(_image_path(ann_file, n, ann, roots))
+            source, path = _image_path(ann_file, n, ann, self.stores)
+            self.sources.append(source)
+            self.images.append(path)
             self.questions.append(_question(ann_file, n, ann, max_words))
             self.question_ids.append(qid)
             raw = ann.get("answer")
@@ -197,7 +211,7 @@ class VQAEvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         try:
-            image = self.transform(load_rgb(self.images[index]), random.Random(index))
+            image = self.transform(self.stores[self.sources[index]].load(self.images[index]), random.Random(index))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise RuntimeError(f"{self.ann_file}: question_id {self.question_ids[index]}: image "
                                f"{self.images[index]} cannot be read ({type(err).__name__}: {err})") from err

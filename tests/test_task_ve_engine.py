@@ -4,7 +4,9 @@ Generated data (tests/fixtures/classify.py): 64 training records = 4 batches per
 epoch at 2 ranks x 8, so step 3 is mid-epoch and step 6 lies in the second epoch. The
 uninterrupted run goes to step 6; the interrupted one stops at step 3 (`--max-steps 3`,
 which checkpoints) and continues with `--resume auto`. Per-step records
-(`train.debug_records`) must agree.
+(`train.debug_records`) must agree. The interrupted run reads its images from
+tar shards packed from the folder the uninterrupted one reads (`data.image_shards`),
+so the agreement also shows that shards give the training the same pixels.
 """
 import json
 import os
@@ -18,6 +20,7 @@ import pytest
 from model.cli import evaluate_main
 from model.engine.dist_env import free_port
 from model.engine.progress import read_records
+from pipeline.pack_images import pack_images
 from tests.fixtures.classify import write_ve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,21 +31,25 @@ STEPS, STOP_AT = 6, 3
 @pytest.fixture(scope="module")
 def small_ve(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ve_small")
-    return {"train": write_ve(root, "train", 64, seed=1), "val": write_ve(root, "val", 16, seed=2),
+    data = {"train": write_ve(root, "train", 64, seed=1), "val": write_ve(root, "val", 16, seed=2),
             "test": write_ve(root, "test", 16, seed=3), "image_root": root / "images"}
+    pack_images(root / "images", root / "shards", per_shard=40)
+    return data
 
 
-def _overrides(data: dict) -> list[str]:
-    return [f"data.train_file={data['train']}", f"data.image_root={data['image_root']}",
+def _overrides(data: dict, shards: bool = False) -> list[str]:
+    images = (f"data.image_shards={data['image_root'].parent / 'shards'}" if shards
+              else f"data.image_root={data['image_root']}")
+    return [f"data.train_file={data['train']}", images,
             f"data.eval_files.val={data['val']}", f"data.eval_files.test={data['test']}",
             "train.batch_size_per_rank=8", "train.log_every=1", "train.debug_records=true"]
 
 
-def _train(out: Path, data: dict, max_steps: int, resume: bool = False) -> None:
+def _train(out: Path, data: dict, max_steps: int, resume: bool = False, shards: bool = False) -> None:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(RANKS), "--master_port",
            str(free_port()), "model/train.py", "--config", "configs/ve_tiny.yaml",
            "--deepspeed_config", "ds_configs/zero2_cpu.json", "--output-dir", str(out),
-           "--max-steps", str(max_steps), *(["--resume", "auto"] if resume else []), *_overrides(data)]
+           "--max-steps", str(max_steps), *(["--resume", "auto"] if resume else []), *_overrides(data, shards)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out.mkdir(parents=True, exist_ok=True)
     with (out / "launcher.log").open("a") as log:
@@ -65,8 +72,8 @@ def _steps(records: list[dict]) -> dict[int, dict]:
 def runs(tmp_path_factory, small_ve) -> dict:
     work = tmp_path_factory.mktemp("ve_runs")
     _train(work / "straight", small_ve, STEPS)
-    _train(work / "resumed", small_ve, STOP_AT)
-    _train(work / "resumed", small_ve, STEPS, resume=True)
+    _train(work / "resumed", small_ve, STOP_AT, shards=True)
+    _train(work / "resumed", small_ve, STEPS, resume=True, shards=True)
     return {"straight": work / "straight", "resumed": work / "resumed"}
 
 

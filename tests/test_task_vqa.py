@@ -321,7 +321,7 @@ def test_bad_records_are_named(tmp_path, vqa_data):
     with pytest.raises(FileNotFoundError, match=r"missing.json entry 0 \(question_id 7\): image .*nope.png"):
         VQAEvalDataset(missing, roots, transform)
     vg = write("vg.json", [{"dataset": "vg", "image": "images/train_0000.png", "question": "q?", "answer": "red"}])
-    with pytest.raises(ValueError, match="vg_root is not set"):
+    with pytest.raises(ValueError, match="neither data.vg_root nor data.vg_shards is set"):
         VQATrainDataset([vg], roots, transform, vg_weight=0.5)
     no_answer = write("none.json", [{"dataset": "vqa", "image": "images/train_0000.png", "question": "q?",
                                      "question_id": 3, "answer": []}])

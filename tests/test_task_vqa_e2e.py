@@ -78,6 +78,25 @@ def test_result_file_on_two_ranks_has_every_question_once(vqa_setup):
     assert {r["question_id"]: r["answer"] for r in single} == {r["question_id"]: r["answer"] for r in rows}
 
 
+@pytest.mark.timeout(300)
+def test_images_from_tar_shards_give_the_folders_answers(vqa_setup, tmp_path):
+    """vqa_shards / vg_shards packed from the image folder: the same answers as from the folder."""
+    from pipeline.pack_images import pack_images
+    files = vqa_setup["files"]
+    pack_images(files.root, tmp_path / "shards", per_shard=50)
+    args = ["--config", str(vqa_setup["config"]), "--checkpoint", str(vqa_setup["init"]), "--split", "val",
+            "--device", "cpu"]
+    assert evaluate_main([*args, "--output", str(tmp_path / "folder.json")]) == 0
+    assert evaluate_main([*args, "--output", str(tmp_path / "shards.json"), "data.vqa_root=null",
+                          "data.vg_root=null", f"data.vqa_shards={tmp_path / 'shards'}",
+                          f"data.vg_shards={tmp_path / 'shards'}"]) == 0
+    folder, shards = (json.loads((tmp_path / f"{n}.answers.json").read_text()) for n in ("folder", "shards"))
+    assert shards == folder and len(folder) > 0
+    metrics = [json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("folder", "shards")]
+    folder_m, shards_m = ({k: v for k, v in m.items() if k != "seconds"} for m in metrics)
+    assert shards_m == folder_m
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_finetuned_tiny_model_beats_the_majority_answer(vqa_setup):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 REPORT_BACKENDS = ("csv", "tensorboard", "wandb")   # train.report_to
 
@@ -97,6 +97,19 @@ class DataSettings:
             AugmentConfig.from_dict(self.augment)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}.augment: {err}") from None
+
+
+@dataclass
+class ImageData(DataSettings):
+    """Data settings of a task whose annotations name image files: a folder or tar shards hold them."""
+    image_root: Optional[str] = None     # folder the annotation's image paths are relative to
+    image_shards: Union[list[str], str, None] = None   # ... or tar shards holding them by the same names
+
+    def images(self):
+        """The image store (pipeline/image_store.py: a brace pattern, glob, folder of .tar or a list of
+        them for the shards); exactly one of the two keys must be set."""
+        from pipeline.image_store import image_store
+        return image_store(self.image_root, self.image_shards)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from model.classifier import ALBEFClassifier
 from model.engine.recipe import Recipe
-from model.engine.settings import DataSettings, EvalSettings, TrainSettings
+from model.engine.settings import EvalSettings, ImageData, TrainSettings
 from model.weights.classifier import export_classifier_state_dict, load_classifier_state_dict
 from pipeline.classify_data import ClassifyCollate, ClassifyDataset, EvalDataset, read_examples
 
@@ -44,10 +44,9 @@ class ClassifyTrain(TrainSettings):
 
 
 @dataclass
-class ClassifyData(DataSettings):
+class ClassifyData(ImageData):
     train_file: Union[list[str], str] = field(default_factory=list)
     eval_files: dict[str, str] = field(default_factory=dict)   # split name -> annotation file
-    image_root: Optional[str] = None     # folder the annotation's image names are relative to
     max_words: int = 30                  # pre_caption word limit
 
     def __post_init__(self) -> None:
@@ -174,8 +173,9 @@ class ClassifyRecipe(Recipe):
             raise ValueError("data.train_file is empty: give the training annotation file(s)")
         transform = ImageTransform(self.run.model["vision"]["image_res"], train=True,
                                    augment=AugmentConfig.from_dict(d.augment))
-        dataset = ClassifyDataset(read_examples(self.kind, d.train_file, d.image_root, d.max_words), transform,
-                                  seed=t.seed)
+        images = d.images()
+        dataset = ClassifyDataset(read_examples(self.kind, d.train_file, images, d.max_words), transform,
+                                  seed=t.seed, images=images)
         return MapLoader(dataset, batch_size=t.batch_size_per_rank, rank=self.env.rank, world_size=self.env.world,
                          seed=t.seed, collate_fn=ClassifyCollate(tokenizer, t.max_tokens),
                          num_workers=d.num_workers, pin_memory=self.env.device.type == "cuda")
@@ -199,8 +199,9 @@ class ClassifyRecipe(Recipe):
         if split not in d.eval_files:
             known = ", ".join(d.eval_files) or "none"
             raise ValueError(f"split {split!r} has no file: data.eval_files has {known}")
-        return EvalDataset(read_examples(self.kind, d.eval_files[split], d.image_root, d.max_words),
-                           ImageTransform(self.run.model["vision"]["image_res"], train=False))
+        images = d.images()
+        return EvalDataset(read_examples(self.kind, d.eval_files[split], images, d.max_words),
+                           ImageTransform(self.run.model["vision"]["image_res"], train=False), images=images)
 
     def _run_split(self, module, tokenizer, split: str) -> tuple[dict, list[dict]]:
         dataset = self._eval_set(split)

@@ -122,7 +122,7 @@ class GroundingRecipe(RetrievalRecipe):
         if not d.train_file:
             raise ValueError("data.train_file is empty: give the training expression file(s)")
         transform = ResizeFlipAugment(self.run.model["vision"]["image_res"], AugmentConfig.from_dict(d.augment))
-        return GroundingTrainDataset(d.train_file, d.image_root, transform, max_words=d.max_words,
+        return GroundingTrainDataset(d.train_file, d.images(), transform, max_words=d.max_words,
                                      seed=self.run.train.seed)
 
     # ------------------------------------------------------------- evaluation
@@ -142,7 +142,7 @@ class GroundingRecipe(RetrievalRecipe):
         ann_file = self._split_file(split)
         if not ann_file:
             raise ValueError(f"split {split} needs data.{SPLIT_FILES[split]}, which is not set")
-        return GroundingEvalDataset(ann_file, self.run.data.image_root, split,
+        return GroundingEvalDataset(ann_file, self.run.data.images(), split,
                                     ImageTransform(self.run.model["vision"]["image_res"], train=False),
                                     max_words=self.run.data.max_words)
 
@@ -201,7 +201,7 @@ class GroundingRecipe(RetrievalRecipe):
             if row["unscored"]:
                 continue
             frame = (entry["height"], entry["width"]) if entry["height"] else None   # None: the image's size
-            draw_grounding(folder / f"{index:05d}.png", entry["image"], frame, maps[index], entry["expression"],
+            draw_grounding(folder / f"{index:05d}.png", dataset.store.load(entry["image"]), frame, maps[index], entry["expression"],
                            entry["box"], row["pred_box"], entry["proposals"], row["iou"])
         return folder
 

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from model.grounding import IOU_HIT, upsample  # noqa: E402
@@ -33,11 +34,12 @@ def _box(ax, box: Sequence[float], colour: str, width: float, style: str = "-") 
     ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=width, linestyle=style))
 
 
-def draw_grounding(path: str | Path, image_file: str, frame: tuple[int, int] | None, heatmap: torch.Tensor,
+def draw_grounding(path: str | Path, image: Image.Image | str, frame: tuple[int, int] | None, heatmap: torch.Tensor,
                    expression: str, truth: Sequence[float], chosen: Sequence[float] | None,
                    proposals: Sequence[Sequence[float]] = (), iou: float | None = None) -> Path:
-    """Write one PNG; `frame` = (height, width) of the boxes (None: the image's size), `heatmap` [g,g]."""
-    image = load_rgb(image_file)
+    """Write one PNG of `image` (RGB, or a file); `frame` = (height, width) of the boxes (None: the
+    image's size), `heatmap` [g,g]."""
+    image = load_rgb(image) if isinstance(image, str) else image
     height, width = frame or (image.height, image.width)
     image = np.asarray(image.resize((width, height)))
     full = upsample(heatmap, height, width).clamp(min=0).numpy()

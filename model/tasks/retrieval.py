@@ -38,7 +38,7 @@ import torch
 
 from model.albef import ALBEF
 from model.engine.recipe import Recipe
-from model.engine.settings import DataSettings, EvalSettings, TrainSettings
+from model.engine.settings import EvalSettings, ImageData, TrainSettings
 from model.weights.files import load_retrieval_weights, retrieval_model_config
 from model.weights.released import export_albef_state_dict
 
@@ -57,11 +57,10 @@ class RetrievalTrain(TrainSettings):
 
 
 @dataclass
-class RetrievalData(DataSettings):
+class RetrievalData(ImageData):
     train_file: Union[list[str], str] = field(default_factory=list)   # Karpathy train JSON(s)
     val_file: Optional[str] = None       # picks the best epoch when set
     test_file: Optional[str] = None
-    image_root: Optional[str] = None     # folder the `image` paths are relative to
     max_words: int = 30                  # pre_caption word limit
     num_workers: int = 4
 
@@ -135,7 +134,7 @@ class RetrievalRecipe(Recipe):
             raise ValueError("data.train_file is empty: give the training annotation file(s)")
         transform = ImageTransform(self.run.model["vision"]["image_res"], train=True,
                                    augment=AugmentConfig.from_dict(d.augment))
-        return RetrievalTrainDataset(d.train_file, d.image_root, transform, max_words=d.max_words,
+        return RetrievalTrainDataset(d.train_file, d.images(), transform, max_words=d.max_words,
                                      seed=self.run.train.seed)
 
     def train_loader(self, tokenizer):
@@ -181,7 +180,7 @@ class RetrievalRecipe(Recipe):
         ann_file = self._split_file(split)
         if not ann_file:
             raise ValueError(f"data.{split}_file is not set")
-        return RetrievalEvalDataset(ann_file, self.run.data.image_root,
+        return RetrievalEvalDataset(ann_file, self.run.data.images(),
                                     ImageTransform(self.run.model["vision"]["image_res"], train=False),
                                     max_words=self.run.data.max_words)
 

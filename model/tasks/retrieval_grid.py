@@ -16,9 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from pipeline.annotations import RetrievalEvalDataset  # noqa: E402
+from pipeline.image_store import image_store  # noqa: E402
 
 HIT, MISS = "#1a9850", "#bbbbbb"
 
@@ -38,7 +38,7 @@ def draw_grid(t2i: np.ndarray, dataset: RetrievalEvalDataset, out: Path, queries
         text_ax.text(0.0, 0.5, "\n".join(_wrap(dataset.texts[q], 22)), va="center", fontsize=9)
         for c, img in enumerate(np.argsort(-t2i[q], kind="stable")[:top], start=1):
             ax = axes[r][c]
-            ax.imshow(Image.open(dataset.images[img]).convert("RGB"))
+            ax.imshow(dataset.store.load(dataset.images[img]))
             ax.set_xticks([])
             ax.set_yticks([])
             colour = HIT if img == dataset.txt2img[q] else MISS
@@ -69,12 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scores", required=True, type=Path, help=".npz written by evaluate --save-scores")
     ap.add_argument("--annotations", required=True, help="the annotation JSON that was evaluated")
-    ap.add_argument("--image-root", required=True)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--image-root", help="folder the annotation's image paths are relative to")
+    where.add_argument("--image-shards", help="... or tar shards holding the images (pipeline/image_store.py)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--queries", type=int, default=6)
     ap.add_argument("--top", type=int, default=5)
     args = ap.parse_args(argv)
-    dataset = RetrievalEvalDataset(args.annotations, args.image_root, transform=None)
+    dataset = RetrievalEvalDataset(args.annotations, image_store(args.image_root, args.image_shards),
+                                   transform=None)
     print(draw_grid(np.load(args.scores)["t2i"], dataset, args.out, args.queries, args.top))
 
 

@@ -66,6 +66,8 @@ class VQAData(DataSettings):
     answer_list: Optional[str] = None    # JSON list of the candidate answers ranked at test time
     vqa_root: Optional[str] = None       # folder of the `image` paths of "dataset": "vqa" entries
     vg_root: Optional[str] = None        # ... of "dataset": "vg" entries
+    vqa_shards: Union[list[str], str, None] = None   # or tar shards holding the "vqa" images by those paths
+    vg_shards: Union[list[str], str, None] = None    # ... the "vg" images (pipeline/image_store.py)
     vg_answer_weight: float = 0.5        # weight of a VG question's one answer (reference 0.5)
     max_question_words: int = 30         # pre_question word limit, training
     max_test_question_words: int = 50    # pre_question word limit, evaluation
@@ -174,8 +176,13 @@ class VQARecipe(Recipe):
 
     # ------------------------------------------------------------- training
 
-    def _roots(self) -> dict[str, str | None]:
-        return {"vqa": self.run.data.vqa_root, "vg": self.run.data.vg_root}
+    def _roots(self) -> dict:
+        """The image store of each `dataset` value (None where neither its folder nor its shards is set)."""
+        from pipeline.image_store import image_store
+        d = self.run.data
+        return {name: image_store(root, shards, setting=f"data.{name}_root")
+                if root is not None or shards else None
+                for name, root, shards in (("vqa", d.vqa_root, d.vqa_shards), ("vg", d.vg_root, d.vg_shards))}
 
     def train_loader(self, tokenizer):
         from pipeline.map_loader import MapLoader
