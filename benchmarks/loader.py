@@ -46,7 +46,9 @@ from pipeline.loader import ShardLoader  # noqa: E402
 from pipeline.manifest import MANIFEST_NAME, manifest_for_shards  # noqa: E402
 from pipeline.shards import read_segment  # noqa: E402
 from pipeline.tokenize import load_tokenizer, text_batch  # noqa: E402
-from pipeline.transforms import ImageTransform, normalize_batch, rand_augment, random_resized_crop_box  # noqa: E402
+from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.transforms import (ImageTransform, normalize_images, rand_augment, random_resized_crop_box,  # noqa: E402
+                                resize_bicubic, stack_pixels)
 
 VOCAB = "configs/tiny_vocab.txt"
 WORDS = ("a", "dog", "cat", "man", "woman", "on", "the", "grass", "street", "with", "red", "blue", "car")
@@ -87,7 +89,7 @@ def make_data(folder: Path, count: int, side: int, seed: int) -> tuple[str, list
 
 
 class FileDataset(Dataset):
-    """The plain map-style baseline: one file per image, the same transform and caption cleaning."""
+    """The plain map-style baseline: one file per image, the same decode, transform and caption cleaning."""
 
     def __init__(self, files: list[Path], captions: list[str], transform: ImageTransform):
         self.files, self.captions, self.transform = files, captions, transform
@@ -96,8 +98,9 @@ class FileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        image = Image.open(self.files[i]).convert("RGB")
-        return self.transform(image, random.Random(i)), pre_caption(self.captions[i])
+        # uint8 pixels, normalised once per batch in the collate: the loader's own copies, no more
+        image = decode_rgb(str(self.files[i]))
+        return self.transform.pixels(image, random.Random(i)), pre_caption(self.captions[i])
 
 
 def fastest_seconds(cases: dict[str, callable], repeats: int, clock=time.process_time) -> dict[str, float]:
@@ -136,7 +139,6 @@ def main() -> None:
         transform = ImageTransform(args.res, train=True)
         n = args.images
         rng = random.Random(args.seed)
-        size = (args.res, args.res)
         per_shard = -(-n // SHARDS)
 
         def decode_all():  # what SampleDecoder does to an RGB JPEG: open, load
@@ -148,7 +150,7 @@ def main() -> None:
         def map_style():
             loader = DataLoader(FileDataset(files, captions, transform), batch_size=args.batch, shuffle=True,
                                 num_workers=0, collate_fn=lambda items: (
-                                    torch.stack([x for x, _ in items]),
+                                    stack_pixels([x for x, _ in items]),
                                     text_batch(tokenizer, [c for _, c in items], args.max_tokens)))
             for _ in loader:
                 pass
@@ -168,22 +170,26 @@ def main() -> None:
 
         decoded = decode_all()
 
-        def crop_resize():
-            return [img.crop(_box(random_resized_crop_box(img.width, img.height, transform.augment.crop_scale,
-                                                          rng))).resize(size, Image.Resampling.BICUBIC)
+        def crop_resize(backend: str = transform.augment.resize_backend):
+            return [resize_bicubic(img.crop(_box(random_resized_crop_box(img.width, img.height,
+                                                                         transform.augment.crop_scale, rng))),
+                                   args.res, backend)
                     for img in decoded]
 
         crops = crop_resize()
 
         def augment():
             for img in crops:
-                if rng.random() < transform.augment.flip_p:
-                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                rand_augment(np.asarray(img), transform.augment, rng)
+                rand_augment(np.ascontiguousarray(img[:, ::-1]) if rng.random() < transform.augment.flip_p else img,
+                             transform.augment, rng)
 
-        def normalize():
+        def stack():   # the loader hands over uint8; normalising happens on the training device
             for i in range(0, n, args.batch):
-                normalize_batch([np.asarray(c) for c in crops[i:i + args.batch]])
+                stack_pixels(crops[i:i + args.batch])
+
+        def normalize():   # what that costs where it is done on a CPU (a CPU-only run)
+            for i in range(0, n, args.batch):
+                normalize_images(stack_pixels(crops[i:i + args.batch]))
 
         def text():
             text_batch(tokenizer, [pre_caption(c) for c in captions], args.max_tokens)
@@ -193,16 +199,19 @@ def main() -> None:
         seconds = fastest_seconds({"decode_only": decode_all, "map_style_files_same_transforms": map_style,
                                    "shard_loader_full_path": run_loader, "tar_read": read_tars,
                                    "crop_resize_bicubic": crop_resize, "flip_randaugment": augment,
-                                   "to_tensor_normalize": normalize, "caption_clean_tokenize": text},
+                                   "crop_resize_bicubic_pil": lambda: crop_resize("pil"),
+                                   "stack_uint8": stack, "caption_clean_tokenize": text,
+                                   "normalize_on_cpu": normalize},
                                   args.repeats)
         rates = {name: samples[name] / seconds[name] for name in samples}
         breakdown = {name: 1000.0 * seconds[name] / n for name in
-                     ("tar_read", "crop_resize_bicubic", "flip_randaugment", "to_tensor_normalize",
+                     ("tar_read", "crop_resize_bicubic", "flip_randaugment", "stack_uint8",
                       "caption_clean_tokenize")}
         breakdown = {"tar_read": breakdown.pop("tar_read"), "decode": 1000.0 / rates["decode_only"], **breakdown}
         breakdown["sum_of_stages"] = sum(breakdown.values())
         loader_ms = 1000.0 / rates["shard_loader_full_path"]
         breakdown["loader_minus_sum_of_stages"] = loader_ms - breakdown["sum_of_stages"]
+        pil_resize_ms = 1000.0 * seconds["crop_resize_bicubic_pil"] / n
 
         result = {
             "settings": {"images": n, "stored_short_side": args.side, "res": args.res, "batch": args.batch,
@@ -214,6 +223,10 @@ def main() -> None:
                                          / rates["map_style_files_same_transforms"], 3),
             "breakdown_ms_per_sample": {k: round(v, 3) for k, v in breakdown.items()},
             "loader_ms_per_sample": round(loader_ms, 3),
+            # the same crops resized by PIL (augment.resize_backend: pil, bit for bit the reference)
+            "normalize_on_cpu_ms_per_sample": round(1000.0 * seconds["normalize_on_cpu"] / n, 3),
+            "crop_resize_ms_per_sample": {"pil": round(pil_resize_ms, 3),
+                                          transform.augment.resize_backend: round(breakdown["crop_resize_bicubic"], 3)},
         }
         if args.workers:
             multi, run_multi = shard_loader(args.workers)

@@ -43,7 +43,7 @@ from pipeline.annotations import (EMPTY_CAPTION, MALFORMED, MISSING_IMAGE, UNREA
 from pipeline.captions import pre_caption
 from pipeline.image_store import ImageStore, as_store
 from pipeline.tokenize import text_batch
-from pipeline.transforms import AugmentConfig, ImageTransform, rand_augment
+from pipeline.transforms import AugmentConfig, ImageTransform, rand_augment, resize_bicubic
 
 BAD_BOX = "malformed box"
 BAD_PROPOSALS = "malformed proposals"
@@ -65,10 +65,9 @@ class ResizeFlipAugment(ImageTransform):
         super().__init__(image_res, train=True, augment=augment)
 
     def pixels(self, img: Image.Image, rng: random.Random) -> np.ndarray:
-        img = img.resize((self.image_res, self.image_res), Image.Resampling.BICUBIC)
-        if rng.random() < self.augment.flip_p:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return rand_augment(np.asarray(img), self.augment, rng)
+        flip = rng.random() < self.augment.flip_p
+        return rand_augment(resize_bicubic(img, self.image_res, self.augment.resize_backend, flip=flip),
+                            self.augment, rng)
 
 
 class GroundingTrainDataset(RetrievalTrainDataset):

@@ -41,7 +41,9 @@ pipeline stages are not used, for these reasons: `with_epoch`
 counts per worker, its node splitting leaves ranks with unequal sample
 counts, it has no mid-epoch position, and `warn_and_continue` sleeps.
 
-Batches: `image` float [B, 3, res, res] (normalised), `input_ids` and
+Batches: `image` uint8 [B, 3, res, res] (augmented pixels; the consumer
+normalises them on its device with `pipeline.transforms.normalize_images`, a
+quarter of the bytes to copy and no float work on the loader's core), `input_ids` and
 `attention_mask` long [B, L], `idx` long [B] when every sample's json has an
 integer `image_id`, and `__key__` (list of B sample keys, for tracing).
 """
@@ -65,7 +67,7 @@ from pipeline.order import Layout, RangePlan, ResampledPlan, derive_seed, emit_f
 from pipeline.samples import DEFAULT_MAX_PIXELS, Decoded, SampleDecoder
 from pipeline.shards import Remote, read_segment, redact, resolve_sources
 from pipeline.tokenize import text_batch
-from pipeline.transforms import AugmentConfig, ImageTransform, normalize_batch
+from pipeline.transforms import AugmentConfig, ImageTransform, stack_pixels
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +331,7 @@ class ShardLoader:
 
     def _collate(self, samples: list[Decoded]) -> dict:
         input_ids, attention_mask = text_batch(self.tokenizer, [s.caption for s in samples], self.max_tokens)
-        batch = {"image": normalize_batch([s.pixels for s in samples], self.augment.mean, self.augment.std),
+        batch = {"image": stack_pixels([s.pixels for s in samples]),   # uint8: normalize_images on the device
                  "input_ids": input_ids, "attention_mask": attention_mask,
                  "__key__": [s.key for s in samples]}
         if all(s.idx is not None for s in samples):

@@ -57,7 +57,7 @@ def test_two_ranks_two_workers_lockstep_no_repeats_and_full_coverage(tiny_shards
     assert [len(b) for b in per_rank] == [expected_batches, expected_batches]
     for batches in per_rank:
         for b in batches:
-            assert b["image"].shape == (3, 3, 32, 32) and b["image"].dtype == torch.float32
+            assert b["image"].shape == (3, 3, 32, 32) and b["image"].dtype == torch.uint8
             assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[0] == 3
     seen = [k for batches in per_rank for keys in _keys(batches) for k in keys]
     assert len(seen) == len(set(seen)), "a sample was seen twice in one epoch"

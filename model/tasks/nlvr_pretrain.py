@@ -27,6 +27,7 @@ class TextAssignmentRecipe(Recipe):
     data_settings = PretrainData
     loss_names = ("loss_ta",)
     train_loader = PretrainRecipe.train_loader
+    images = PretrainRecipe.images
 
     def build_model(self, tokenizer, checkpoint: str | None) -> TextAssignment:
         m = self.run.model
@@ -47,7 +48,7 @@ class TextAssignmentRecipe(Recipe):
 
     def step(self, module, batch, alpha, generator):
         device = self.env.device
-        return module(batch["image"].to(device, non_blocking=True),
+        return module(self.images(batch, device),
                       batch["input_ids"].to(device, non_blocking=True),
                       batch["attention_mask"].to(device, non_blocking=True), generator=generator)
 

@@ -97,12 +97,18 @@ class PretrainRecipe(Recipe):
                            pin_memory=self.env.device.type == "cuda", allow_pipe=d.allow_pipe,
                            remote_timeout_s=d.remote_timeout_s, remote_retries=d.remote_retries)
 
+    def images(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """The shard loader's uint8 images, copied to `device` and normalised there (pipeline/loader.py)."""
+        from pipeline.transforms import AugmentConfig, normalize_images
+        augment = AugmentConfig.from_dict(self.run.data.augment)
+        return normalize_images(batch["image"].to(device, non_blocking=True), augment.mean, augment.std)
+
     def itc_chance(self) -> float:
         return 1.0 / (self.run.train.batch_size_per_rank + self.run.model["queue_size"])
 
     def step(self, module, batch, alpha, generator):
         device = self.env.device
-        return module(batch["image"].to(device, non_blocking=True),
+        return module(self.images(batch, device),
                       batch["input_ids"].to(device, non_blocking=True),
                       batch["attention_mask"].to(device, non_blocking=True), alpha=alpha, generator=generator)
 
