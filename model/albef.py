@@ -145,7 +145,15 @@ class ALBEF(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, mask [B,L] -> (text-mode token states [B,L,Dt], L2-normalised feature [B,E])."""
         tokens = self.text_encoder.encode(input_ids, attention_mask)
-        return tokens, F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+        return tokens, F.normalize(self.text_proj(self._text_summary(tokens, attention_mask)), dim=-1)
+
+    def _text_summary(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The state ITC projects: [CLS] (the reference) or, with `itc_text_pool: mean`, the mean over
+        the caption's tokens, which differs between captions even while a random-init [CLS] does not."""
+        if self.settings.itc_text_pool == "cls":
+            return tokens[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def itm_logits(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
                    attention_mask: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +173,7 @@ class ALBEF(nn.Module):
         image_tokens_m = self.visual_encoder_m(image)
         image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
         text_tokens_m = self.text_encoder_m.encode(input_ids, attention_mask)
-        text_feat_m = F.normalize(self.text_proj_m(text_tokens_m[:, 0]), dim=-1)
+        text_feat_m = F.normalize(self.text_proj_m(self._text_summary(text_tokens_m, attention_mask)), dim=-1)
         return image_tokens_m, image_feat_m, text_feat_m
 
     def itm(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, attention_mask: torch.Tensor,

@@ -224,6 +224,9 @@ class ALBEFSettings:
     grad_checkpointing: bool = False
     # torch.compile each ViT and BERT layer in place (nn.Module.compile: parameter names unchanged)
     compile: bool = False
+    # text feature for ITC: "cls" (the reference: the [CLS] state) or "mean" (deviation, docs/COLLAPSE.md:
+    # the mean of the caption's token states, which carries the words from the first step of a random init)
+    itc_text_pool: str = "cls"
 
     def check(self, where: str) -> None:
         _positive(where, embed_dim=self.embed_dim, queue_size=self.queue_size, temp_min=self.temp_min)
@@ -232,6 +235,8 @@ class ALBEFSettings:
                              f"{where}.temp_max={self.temp_max}]")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"{where}.momentum={self.momentum} must lie in [0, 1)")
+        if self.itc_text_pool not in ("cls", "mean"):
+            raise ValueError(f"{where}.itc_text_pool={self.itc_text_pool!r} must be 'cls' or 'mean'")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model") -> "ALBEFSettings":
