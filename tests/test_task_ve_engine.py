@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.cli import evaluate_main
 from model.engine.dist_env import free_port
@@ -121,3 +122,38 @@ def test_evaluate_reports_accuracy_per_class_and_writes_predictions(runs, small_
     assert sum(p["prediction"] == p["label"] for p in record["predictions"]) == round(metrics["acc"] * 16 / 100)
     assert "no known reason" not in record["load_report"]
     assert (run / "export" / "albef.val.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_reads_a_ve_runs_deepspeed_checkpoint(runs, small_ve, tmp_path):
+    """A DeepSpeed checkpoint of a VE run (no export needed) loads into the VE model as it is; the
+    straight and the resumed run's last checkpoints give the same predictions."""
+    records = {}
+    for name in ("straight", "resumed"):
+        tag = sorted((runs[name] / "checkpoints").glob("step*"))[-1]
+        out = tmp_path / f"{name}.json"
+        argv = ["--config", "configs/ve_tiny.yaml", "--checkpoint", str(tag), "--split", "test",
+                "--output", str(out), "--device", "cpu", *_overrides(small_ve)]
+        cwd = os.getcwd()
+        os.chdir(REPO)
+        try:
+            assert evaluate_main(argv) == 0
+        finally:
+            os.chdir(cwd)
+        records[name] = json.loads(out.read_text())
+        assert tag.name == f"step{STEPS}" or tag.name.endswith(str(STEPS))
+        assert "DeepSpeed checkpoint of a ve run" in records[name]["load_report"]
+    assert records["straight"]["predictions"] == records["resumed"]["predictions"]
+
+
+def test_a_deepspeed_state_of_another_task_is_refused_with_its_name():
+    from model.classifier import ALBEFClassifier
+    from model.engine.config import load_config
+    from model.weights.classifier import load_classifier_state_dict
+    from model.weights.files import ENGINE_TASK
+    from model.weights.released import CheckpointMismatchError
+    m = load_config(REPO / "configs" / "ve_tiny.yaml")["model"]
+    model = ALBEFClassifier(m, 3, 1, distill=True)
+    state = {"model": {"text_decoder.weight": torch.zeros(2)}, ENGINE_TASK: "vqa"}
+    with pytest.raises(CheckpointMismatchError, match="DeepSpeed checkpoint of a 'vqa' run does not fit"):
+        load_classifier_state_dict(model, state, "ckpt/step9")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from model.classifier import PairFusionEncoder
+from model.weights.files import load_engine_state
 from model.weights.released import (POSITION_IDS, CheckpointMismatchError, LoadReport, bert_key_to_text,
                                     resize_pos_embed, text_key_to_bert)
 
@@ -100,6 +101,9 @@ def load_classifier_state_dict(model: nn.Module, state: dict, source: str,
     """Load a released-layout checkpoint dict into an `ALBEFClassifier` or `TextAssignment`."""
     if teacher_init not in TEACHER_INITS:
         raise ValueError(f"teacher_init={teacher_init!r}: one of {', '.join(TEACHER_INITS)}")
+    engine = load_engine_state(model, state, source, type(model).__name__)
+    if engine is not None:
+        return engine
     sd = _state_dict_of(state)
     s = model.settings.text
     k, f = s.num_text_layers, s.num_fusion_layers

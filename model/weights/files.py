@@ -9,7 +9,10 @@
   complete DeepSpeed checkpoint;
 - one DeepSpeed checkpoint folder of our trainer (`checkpoints/stepNNN/`,
   ZeRO-0/1/2: the engine's `mp_rank_00_model_states.pt` holds the whole module).
-  A ZeRO-3 checkpoint holds only partitions: export it first.
+  A ZeRO-3 checkpoint holds only partitions: export it first. An ALBEF module
+  (pretraining, retrieval, grounding) comes out in the released layout; another
+  task's model (VE, NLVR2, VQA, text assignment) comes out as its own state,
+  marked with the task, for that task's loader (`load_engine_state`).
 
 Every file is read weights-only (`model/engine/safe_load.py`): a file holding
 anything but tensors and plain data (a pickle that could run code) is refused
@@ -29,12 +32,14 @@ from pathlib import Path
 import torch
 
 from model.albef import ALBEF, text_settings_from_tokenizer
-from model.weights.released import LoadReport, export_albef_state_dict, load_albef_state_dict
+from model.weights.released import (CheckpointMismatchError, LoadReport, export_albef_state_dict,
+                                    load_albef_state_dict)
 from model.engine.checkpointing import EXTRA_STATE, complete_tags, newest_complete, verify_files
 from model.engine.export import EXPORT_NAME
 from model.engine.safe_load import UnreadableCheckpointError, UnsafeCheckpointError, deepspeed_globals, safe_load
 
 ZERO012_MODULE_FILE = "mp_rank_00_model_states.pt"
+ENGINE_TASK = "engine_task"   # marks `read_checkpoint`'s output holding a non-ALBEF task model's own state
 ZERO3_MODULE_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
@@ -90,11 +95,38 @@ def _deepspeed_state(tag_dir: Path) -> dict:
     src_cfg["text"]["init"] = None
     source = ALBEF(src_cfg)
     module_state = dict(engine_state["module"])
+    if set(module_state) != set(source.state_dict()):
+        # another task's model (VE/NLVR2 classifier, VQA, text assignment): its own loader takes the
+        # engine's state as it is (`load_engine_state`)
+        return {"model": module_state, ENGINE_TASK: extra.get("task", "unknown")}
     for name, p in source.named_parameters():
         if p.dim() == 0 and name in module_state:  # the trainer gives 0-d parameters shape [1] for DeepSpeed
             module_state[name] = module_state[name].reshape(())
     source.load_state_dict(module_state, strict=True)
     return {"model": export_albef_state_dict(source)}
+
+
+def load_engine_state(model: torch.nn.Module, state: dict, source: str, task: str) -> LoadReport | None:
+    """Load our trainer's DeepSpeed module state of a task model into `model` (the same class), or
+    return None when `state` is not such a state. Anything that does not fit is refused, naming the
+    task that wrote it."""
+    if ENGINE_TASK not in state:
+        return None
+    saved, ours = state["model"], model.state_dict()
+    for name, value in ours.items():
+        if name in saved and value.dim() == 0 and saved[name].shape == (1,):   # [1] inside DeepSpeed
+            saved[name] = saved[name].reshape(())
+    missing, unexpected = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
+    shapes = [k for k in ours if k in saved and saved[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(
+            f"{source}: a DeepSpeed checkpoint of a {state[ENGINE_TASK]!r} run does not fit this {task} model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shapes differ {shapes[:3]}); "
+            f"give that run's export/{EXPORT_NAME} if it has one")
+    model.load_state_dict(saved, strict=True)
+    report = LoadReport(f"{source} (DeepSpeed checkpoint of a {state[ENGINE_TASK]} run)")
+    report.loaded = list(ours)
+    return report
 
 
 def _newest_intact(ckpt_dir: Path) -> Path | None:

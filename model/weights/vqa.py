@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.weights.files import load_engine_state
 from model.weights.released import (DECODER_BIAS, HEAD_BIAS, CheckpointMismatchError, LoadReport,
                                     _bert_unused_reason, _fold_tied, _refuse, _same, _tied_aliases,
                                     bert_key_to_text, resize_pos_embed, text_key_to_bert)
@@ -94,6 +95,9 @@ def is_vqa_layout(sd: dict) -> bool:
 
 def load_vqa_state_dict(model: "ALBEFVQA", state: dict, source: str = "ALBEF checkpoint") -> LoadReport:
     """Load a pretraining or VQA released-layout state dict (or `{"model": sd}`) into `model`."""
+    engine = load_engine_state(model, state, source, "VQA")
+    if engine is not None:
+        return engine
     sd = state["model"] if isinstance(state.get("model"), dict) else state
     k = model.settings.text.num_text_layers
     vqa_layout = is_vqa_layout(sd)
