@@ -28,7 +28,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 from PIL import Image
@@ -47,6 +47,8 @@ MALFORMED = "malformed entry"
 DUPLICATE_IMAGE = "duplicate image entry"
 ID_CONFLICT = "image_id names two image files"
 IMAGE_TWO_IDS = "image file listed under two image_ids"
+
+T = TypeVar("T")
 
 
 def read_annotation_file(path: str | Path) -> list:
@@ -78,6 +80,22 @@ def load_rgb(path: str) -> Image.Image:
     return decode_rgb(path)
 
 
+def load_or_next(n: int, index: int, load: Callable[[int], T], describe: Callable[[int], dict],
+                 max_retries: int) -> tuple[int, T, list[dict]]:
+    """`load(index)`, or of the next entries (wrapping) while images fail to decode, so a training
+    batch keeps its size: (the entry used, what `load` gave, the failures met, each `describe(i)` plus
+    reason and detail). More than `max_retries` failures in a row stop with the last one."""
+    failures: list[dict] = []
+    for attempt in range(max_retries + 1):
+        i = (index + attempt) % n
+        try:
+            return i, load(i), failures
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            failures.append({**describe(i), "reason": UNREADABLE_IMAGE, "detail": f"{type(err).__name__}: {err}"})
+    raise RuntimeError(f"{len(failures)} consecutive entries failed to load from entry {index} "
+                       f"(max_load_retries={max_retries}): {failures[-1]}")
+
+
 class RetrievalTrainDataset(Dataset):
     """Map-style (image, caption, idx) pairs for retrieval fine-tuning.
 
@@ -99,38 +117,53 @@ class RetrievalTrainDataset(Dataset):
         self.problems: list[dict] = []
         self.entries: list[tuple[str, str, int]] = []   # (path, caption, idx)
         self.idx_of_file: dict[str, int] = {}
-        file_of_id: dict = {}
-        id_of_file: dict = {}
+        self._file_of_id: dict = {}
+        self._id_of_file: dict = {}
         for file in files:
             for n, ann in enumerate(read_annotation_file(file)):
-                if not (isinstance(ann, dict) and isinstance(ann.get("image"), str)
-                        and isinstance(ann.get("caption"), str) and "image_id" in ann):
-                    self.problems.append(_problem(file, n, ann.get("image") if isinstance(ann, dict) else None,
-                                                  MALFORMED, "needs string 'image', string 'caption' and 'image_id'"))
-                    continue
-                image, image_id = ann["image"], ann["image_id"]
-                caption = pre_caption(ann["caption"], max_words)
-                if not caption.strip():
-                    self.problems.append(_problem(file, n, image, EMPTY_CAPTION, repr(ann["caption"])))
-                    continue
-                path = self.store.locate(image)
-                if path not in self.idx_of_file and not self.store.exists(path):
-                    self.problems.append(_problem(file, n, image, MISSING_IMAGE, f"{path} ({self.store!r})"))
-                    continue
-                key = _hashable(image_id)
-                if file_of_id.setdefault(key, path) != path:
-                    self.problems.append(_problem(file, n, image, ID_CONFLICT,
-                                                  f"image_id {image_id!r} also names {file_of_id[key]}; "
-                                                  f"kept as separate images"))
-                if id_of_file.setdefault(path, key) != key:
-                    self.problems.append(_problem(file, n, image, IMAGE_TWO_IDS,
-                                                  f"image_id {image_id!r} and {id_of_file[path]!r}; "
-                                                  f"treated as one image"))
-                idx = self.idx_of_file.setdefault(path, len(self.idx_of_file))
-                self.entries.append((path, caption, idx))
+                self._add(file, n, ann, max_words)
         if not self.entries:
             raise ValueError(f"no usable entries in {', '.join(map(str, files))}; "
                              f"problems: {Counter(p['reason'] for p in self.problems)}")
+
+    def _text(self, file, n: int, ann, key: str, max_words: int, needs: tuple[str, ...] = ()) -> str | None:
+        """The cleaned `ann[key]` of an entry with a string 'image', or None (the problem recorded)."""
+        if not (isinstance(ann, dict) and isinstance(ann.get("image"), str) and isinstance(ann.get(key), str)
+                and all(k in ann for k in needs)):
+            wanted = ", ".join(["string 'image'", f"string '{key}'", *(f"'{k}'" for k in needs)])
+            self.problems.append(_problem(file, n, ann.get("image") if isinstance(ann, dict) else None,
+                                          MALFORMED, f"needs {wanted}"))
+            return None
+        text = pre_caption(ann[key], max_words)
+        if not text.strip():
+            self.problems.append(_problem(file, n, ann["image"], EMPTY_CAPTION, repr(ann[key])))
+            return None
+        return text
+
+    def _path(self, file, n: int, image: str) -> str | None:
+        """The store's name of an entry's image, or None when the store lacks it (recorded)."""
+        path = self.store.locate(image)
+        if path not in self.idx_of_file and not self.store.exists(path):
+            self.problems.append(_problem(file, n, image, MISSING_IMAGE, f"{path} ({self.store!r})"))
+            return None
+        return path
+
+    def _add(self, file, n: int, ann, max_words: int) -> None:
+        caption = self._text(file, n, ann, "caption", max_words, needs=("image_id",))
+        path = self._path(file, n, ann["image"]) if caption is not None else None
+        if path is None:
+            return
+        image, image_id = ann["image"], ann["image_id"]
+        key = _hashable(image_id)
+        if self._file_of_id.setdefault(key, path) != path:
+            self.problems.append(_problem(file, n, image, ID_CONFLICT,
+                                          f"image_id {image_id!r} also names {self._file_of_id[key]}; "
+                                          f"kept as separate images"))
+        if self._id_of_file.setdefault(path, key) != key:
+            self.problems.append(_problem(file, n, image, IMAGE_TWO_IDS,
+                                          f"image_id {image_id!r} and {self._id_of_file[path]!r}; "
+                                          f"treated as one image"))
+        self.entries.append((path, caption, self.idx_of_file.setdefault(path, len(self.idx_of_file))))
 
     @property
     def n_images(self) -> int:
@@ -143,21 +176,14 @@ class RetrievalTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _image(self, i: int) -> torch.Tensor:
+        return self.transform(self.store.load(self.entries[i][0]), random.Random(f"{self.seed}/{self.epoch}/{i}"))
+
     def __getitem__(self, index: int) -> dict:
-        failures = []
-        for attempt in range(self.max_load_retries + 1):
-            i = (index + attempt) % len(self.entries)
-            path, caption, idx = self.entries[i]
-            rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
-            try:
-                image = self.transform(self.store.load(path), rng)
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                failures.append({"entry": i, "image": path, "reason": UNREADABLE_IMAGE,
-                                 "detail": f"{type(err).__name__}: {err}"})
-                continue
-            return {"image": image, "caption": caption, "idx": idx, "index": i, "load_failures": failures}
-        raise RuntimeError(f"{len(failures)} consecutive images failed to load from entry {index} "
-                           f"(setting max_load_retries={self.max_load_retries}): {failures[-1]}")
+        i, image, failures = load_or_next(len(self.entries), index, self._image,
+                                          lambda i: {"entry": i, "image": self.entries[i][0]}, self.max_load_retries)
+        _, caption, idx = self.entries[i]
+        return {"image": image, "caption": caption, "idx": idx, "index": i, "load_failures": failures}
 
 
 

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.annotations import read_annotation_file
+from pipeline.annotations import load_or_next, read_annotation_file
 from pipeline.captions import pre_caption
 from pipeline.image_store import FolderImages, ImageStore, as_store
 from pipeline.tokenize import text_batch
@@ -42,7 +42,6 @@ from pipeline.transforms import ImageTransform
 
 VE_LABELS = ("contradiction", "neutral", "entailment")
 NLVR_LABELS = ("False", "True")
-UNREADABLE_IMAGE = "unreadable image"
 
 
 @dataclass(frozen=True)
@@ -143,20 +142,11 @@ class ClassifyDataset(Dataset):
         return images[0] if len(images) == 1 else torch.stack(images)
 
     def __getitem__(self, index: int) -> dict:
-        failures = []
-        for attempt in range(self.max_load_retries + 1):
-            i = (index + attempt) % len(self.examples)
-            try:
-                image = self._images(i)
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                failures.append({"entry": self.examples[i].entry, "file": self.examples[i].file,
-                                 "reason": UNREADABLE_IMAGE, "detail": f"{type(err).__name__}: {err}"})
-                continue
-            ex = self.examples[i]
-            return {"image": image, "sentence": ex.sentence, "label": ex.label, "index": i,
-                    "load_failures": failures}
-        raise RuntimeError(f"{len(failures)} consecutive records failed to load from {index} "
-                           f"(max_load_retries={self.max_load_retries}): {failures[-1]}")
+        i, image, failures = load_or_next(
+            len(self.examples), index, self._images,
+            lambda i: {"entry": self.examples[i].entry, "file": self.examples[i].file}, self.max_load_retries)
+        ex = self.examples[i]
+        return {"image": image, "sentence": ex.sentence, "label": ex.label, "index": i, "load_failures": failures}
 
 
 class EvalDataset(ClassifyDataset):

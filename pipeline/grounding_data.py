@@ -79,37 +79,11 @@ class GroundingTrainDataset(RetrievalTrainDataset):
     image basenames): expressions of one picture are ITC positives of each other.
     """
 
-    def __init__(self, ann_files: str | Path | Sequence[str | Path], image_root: ImageStore | str | Path,
-                 transform: ImageTransform, max_words: int = 30, max_load_retries: int = 10, seed: int = 0):
-        Dataset.__init__(self)
-        files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
-        self.store = as_store(image_root)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-        self.max_load_retries = max_load_retries
-        self.problems: list[dict] = []
-        self.entries: list[tuple[str, str, int]] = []   # (path, expression, idx)
-        self.idx_of_file: dict[str, int] = {}
-        for file in files:
-            for n, ann in enumerate(read_annotation_file(file)):
-                image = ann.get("image") if isinstance(ann, dict) else None
-                if not (isinstance(image, str) and isinstance(ann.get("expression"), str)):
-                    self.problems.append(_problem(file, n, image, MALFORMED,
-                                                  "needs string 'image' and string 'expression'"))
-                    continue
-                expression = pre_caption(ann["expression"], max_words)
-                if not expression.strip():
-                    self.problems.append(_problem(file, n, image, EMPTY_CAPTION, repr(ann["expression"])))
-                    continue
-                path = self.store.locate(image)
-                if path not in self.idx_of_file and not self.store.exists(path):
-                    self.problems.append(_problem(file, n, image, MISSING_IMAGE, f"{path} ({self.store!r})"))
-                    continue
-                self.entries.append((path, expression, self.idx_of_file.setdefault(path, len(self.idx_of_file))))
-        if not self.entries:
-            raise ValueError(f"no usable training expressions in {', '.join(map(str, files))} "
-                             f"({len(self.problems)} problems, e.g. {self.problems[:1]})")
+    def _add(self, file, n: int, ann, max_words: int) -> None:
+        expression = self._text(file, n, ann, "expression", max_words)
+        path = self._path(file, n, ann["image"]) if expression is not None else None
+        if path is not None:
+            self.entries.append((path, expression, self.idx_of_file.setdefault(path, len(self.idx_of_file))))
 
 
 class GroundingEvalDataset(Dataset):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import glob as globlib
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field

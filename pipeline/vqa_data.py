@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.annotations import UNREADABLE_IMAGE, read_annotation_file
+from pipeline.annotations import load_or_next, read_annotation_file
 from pipeline.image_store import ImageStore, as_store
 from pipeline.tokenize import text_batch
 from pipeline.transforms import ImageTransform
@@ -148,21 +148,16 @@ class VQATrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _image(self, i: int) -> torch.Tensor:
+        source, path = self.entries[i][:2]
+        return self.transform(self.stores[source].load(path), random.Random(f"{self.seed}/{self.epoch}/{i}"))
+
     def __getitem__(self, index: int) -> dict:
-        failures = []
-        for attempt in range(self.max_load_retries + 1):
-            i = (index + attempt) % len(self.entries)
-            source, path, question, answers, weights = self.entries[i]
-            try:
-                image = self.transform(self.stores[source].load(path), random.Random(f"{self.seed}/{self.epoch}/{i}"))
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                failures.append({"entry": i, "image": path, "reason": UNREADABLE_IMAGE,
-                                 "detail": f"{type(err).__name__}: {err}"})
-                continue
-            return {"image": image, "question": question, "answers": answers, "weights": weights,
-                    "index": i, "load_failures": failures}
-        raise RuntimeError(f"{len(failures)} consecutive images failed to load from entry {index} "
-                           f"(max_load_retries={self.max_load_retries}): {failures[-1]}")
+        i, image, failures = load_or_next(len(self.entries), index, self._image,
+                                          lambda i: {"entry": i, "image": self.entries[i][1]}, self.max_load_retries)
+        _, _, question, answers, weights = self.entries[i]
+        return {"image": image, "question": question, "answers": answers, "weights": weights,
+                "index": i, "load_failures": failures}
 
 
 class VQAEvalDataset(Dataset):

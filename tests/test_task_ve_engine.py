@@ -98,21 +98,25 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run_under_zero2(runs):
             assert rec["momentum_dtypes"] == ["torch.float32"]
 
 
-@pytest.mark.timeout(300)
-def test_evaluate_reports_accuracy_per_class_and_writes_predictions(runs, small_ve, tmp_path):
-    run = runs["straight"]
-    epochs = [json.loads(line) for line in (run / "logs" / "epochs.jsonl").read_text().splitlines()]
-    best = [e for e in epochs if e["best"]][-1]
-    out = tmp_path / "test.json"
-    argv = ["--config", "configs/ve_tiny.yaml", "--checkpoint", str(run), "--split", "test", "--output", str(out),
-            "--device", "cpu", *_overrides(small_ve)]
+def _evaluate(checkpoint: Path, data: dict, out: Path) -> dict:
+    """`python -m model.evaluate` on the test split, in this process; returns the written record."""
+    argv = ["--config", "configs/ve_tiny.yaml", "--checkpoint", str(checkpoint), "--split", "test",
+            "--output", str(out), "--device", "cpu", *_overrides(data)]
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
         assert evaluate_main(argv) == 0
     finally:
         os.chdir(cwd)
-    record = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_reports_accuracy_per_class_and_writes_predictions(runs, small_ve, tmp_path):
+    run = runs["straight"]
+    epochs = [json.loads(line) for line in (run / "logs" / "epochs.jsonl").read_text().splitlines()]
+    best = [e for e in epochs if e["best"]][-1]
+    record = _evaluate(run, small_ve, tmp_path / "test.json")
     metrics = record["metrics"]
     # the exported (best val) model gives the test accuracy the trainer logged for that epoch
     assert metrics["acc"] == pytest.approx(best["test"]["acc"])
@@ -131,17 +135,8 @@ def test_evaluate_reads_a_ve_runs_deepspeed_checkpoint(runs, small_ve, tmp_path)
     records = {}
     for name in ("straight", "resumed"):
         tag = sorted((runs[name] / "checkpoints").glob("step*"))[-1]
-        out = tmp_path / f"{name}.json"
-        argv = ["--config", "configs/ve_tiny.yaml", "--checkpoint", str(tag), "--split", "test",
-                "--output", str(out), "--device", "cpu", *_overrides(small_ve)]
-        cwd = os.getcwd()
-        os.chdir(REPO)
-        try:
-            assert evaluate_main(argv) == 0
-        finally:
-            os.chdir(cwd)
-        records[name] = json.loads(out.read_text())
-        assert tag.name == f"step{STEPS}" or tag.name.endswith(str(STEPS))
+        records[name] = _evaluate(tag, small_ve, tmp_path / f"{name}.json")
+        assert tag.name.endswith(str(STEPS))
         assert "DeepSpeed checkpoint of a ve run" in records[name]["load_report"]
     assert records["straight"]["predictions"] == records["resumed"]["predictions"]
 
