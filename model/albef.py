@@ -38,7 +38,7 @@ from model.encoders import build_text_encoder, build_vision_encoder
 from model.feature_queue import FeatureQueue
 from model.losses import (IGNORE_INDEX, itc_loss, itc_positives, itm_loss, mask_tokens, mean_pairwise_cosine,
                           mlm_loss, sample_negatives)
-from model.momentum import copy_online_to_momentum, ema_update, make_momentum_copies, parameter_pairs
+from model.momentum import MomentumModel, make_momentum_copies
 from model.settings import ALBEFSettings
 
 def text_settings_from_tokenizer(tokenizer) -> dict:
@@ -73,7 +73,7 @@ def compile_encoders(model: nn.Module) -> list[nn.Module]:
     return compiled
 
 
-class ALBEF(nn.Module):
+class ALBEF(MomentumModel):
     def __init__(self, cfg: dict, global_batch_size: int | None = None):
         super().__init__()
         s = ALBEFSettings.from_dict(cfg)
@@ -102,33 +102,6 @@ class ALBEF(nn.Module):
         """(online, momentum) module pairs of the EMA (not the ITM head nor the temperature)."""
         return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
-
-    def _momentum_parameter_ids(self) -> set[int]:
-        return {id(p) for _, momentum in self.momentum_modules() for p in momentum.parameters()}
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Everything the optimiser updates: all parameters except the momentum copies."""
-        frozen = self._momentum_parameter_ids()
-        return [(name, p) for name, p in self.named_parameters() if id(p) not in frozen]
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.trainable_named_parameters()]
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """One EMA step p_m <- m p_m + (1-m) p on every pair (ZeRO-3 partitions updated in place)."""
-        ema_update(self._momentum_pairs(), self.settings.momentum)
-
-    @torch.no_grad()
-    def copy_online_to_momentum(self) -> None:
-        copy_online_to_momentum(self._momentum_pairs())
-
-    def _momentum_pairs(self) -> list:
-        """The (online, momentum) parameter pairs, listed once: the Parameter objects never change
-        (device moves and ZeRO-3 partitioning work in place), and listing them costs ms per forward."""
-        if getattr(self, "_pairs_cache", None) is None:
-            self._pairs_cache = parameter_pairs(self.momentum_modules())
-        return self._pairs_cache
 
     def sync_buffers(self) -> None:
         """Broadcast the queues from rank 0; call once after deepspeed.initialize (no-op in one process)."""

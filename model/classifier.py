@@ -32,7 +32,7 @@ from torch import nn
 
 from model.encoders import TextFusionEncoder, build_text_encoder, build_vision_encoder
 from model.losses import mlm_loss
-from model.momentum import copy_online_to_momentum, ema_update, make_momentum_copies, parameter_pairs
+from model.momentum import MomentumModel, make_momentum_copies
 from model.settings import ALBEFSettings, TextSettings
 
 TA_TEMPERATURE = 0.07          # fixed in the reference's TA sampling (the learned `temp` is not used)
@@ -80,30 +80,8 @@ def classify_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: t
     return mlm_loss(logits, targets, F.softmax(teacher_logits.float(), dim=-1), alpha)
 
 
-class _WithMomentum(nn.Module):
-    """Momentum bookkeeping shared by the task models (no momentum pairs: all no-ops)."""
-
-    def momentum_modules(self) -> list[tuple[nn.Module, nn.Module]]:
-        return []
-
-    def _frozen_ids(self) -> set[int]:
-        frozen = {id(p) for _, momentum in self.momentum_modules() for p in momentum.parameters()}
-        return frozen | {id(p) for p in self.parameters() if not p.requires_grad}
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        frozen = self._frozen_ids()
-        return [(name, p) for name, p in self.named_parameters() if id(p) not in frozen]
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.trainable_named_parameters()]
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        ema_update(parameter_pairs(self.momentum_modules()), self.settings.momentum)
-
-    @torch.no_grad()
-    def copy_online_to_momentum(self) -> None:
-        copy_online_to_momentum(parameter_pairs(self.momentum_modules()))
+class _WithMomentum(MomentumModel):
+    """The task models' base: momentum bookkeeping (model/momentum.py), no queues to sync."""
 
     def sync_buffers(self) -> None:
         """No queues here; every rank builds the same weights from the same seed and checkpoint."""

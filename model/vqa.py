@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.encoders import (Attention, BertEmbeddings, FeedForward, MLMHead, _attention_mask, _bert_init,
                             build_text_encoder, build_vision_encoder)
-from model.momentum import copy_online_to_momentum, ema_update, make_momentum_copies, parameter_pairs
+from model.momentum import MomentumModel, make_momentum_copies
 from model.settings import ALBEFSettings, TextSettings
 
 # Scores of a ranked answer (eval.answer_score):
@@ -152,7 +152,7 @@ def rank_answers(decode: Decode, states: torch.Tensor, states_mask: torch.Tensor
     return best, top_ids, scores
 
 
-class ALBEFVQA(nn.Module):
+class ALBEFVQA(MomentumModel):
     def __init__(self, cfg: dict):
         super().__init__()
         s = ALBEFSettings.from_dict(cfg)
@@ -171,22 +171,6 @@ class ALBEFVQA(nn.Module):
     def momentum_modules(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.visual_encoder, self.visual_encoder_m), (self.text_encoder, self.text_encoder_m),
                 (self.text_decoder, self.text_decoder_m)]
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Everything the optimiser updates: all parameters except the momentum copies."""
-        frozen = {id(p) for _, momentum in self.momentum_modules() for p in momentum.parameters()}
-        return [(name, p) for name, p in self.named_parameters() if id(p) not in frozen]
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.trainable_named_parameters()]
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        ema_update(parameter_pairs(self.momentum_modules()), self.settings.momentum)
-
-    @torch.no_grad()
-    def copy_online_to_momentum(self) -> None:
-        copy_online_to_momentum(parameter_pairs(self.momentum_modules()))
 
     # ------------------------------------------------------------ forward
 
