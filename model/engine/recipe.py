@@ -88,6 +88,15 @@ class Recipe:
         """
         raise NotImplementedError
 
+    def refuse_init_weights(self) -> None:
+        """For tasks whose every weight comes from --checkpoint: `model.vision.init` and
+        `model.text.init` (ImageNet / BERT starting points) would be silently overwritten."""
+        for part in ("vision", "text"):
+            init = self.run.model[part]["init"]
+            if init:
+                raise ValueError(f"model.{part}.init={init!r}: task {self.name} takes every weight from "
+                                 f"--checkpoint; set it to null")
+
     def load_report(self) -> str | None:
         """What `build_model` loaded, printed once at start-up."""
         return None

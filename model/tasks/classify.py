@@ -143,11 +143,8 @@ class ClassifyRecipe(Recipe):
         return "after_load"
 
     def build_model(self, tokenizer, checkpoint: str | None) -> ALBEFClassifier:
+        self.refuse_init_weights()
         m = self.run.model
-        for part in ("vision", "text"):
-            if m[part]["init"]:
-                raise ValueError(f"model.{part}.init={m[part]['init']!r}: task {self.name} takes every weight "
-                                 f"from --checkpoint; set it to null")
         model = ALBEFClassifier(m, len(self.labels), self.num_images, distill=self.run.train.distill)
         if checkpoint is None:
             self._report = "no --checkpoint: random initialisation"

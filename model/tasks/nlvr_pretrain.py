@@ -30,11 +30,8 @@ class TextAssignmentRecipe(Recipe):
     images = PretrainRecipe.images
 
     def build_model(self, tokenizer, checkpoint: str | None) -> TextAssignment:
+        self.refuse_init_weights()
         m = self.run.model
-        for part in ("vision", "text"):
-            if m[part]["init"]:
-                raise ValueError(f"model.{part}.init={m[part]['init']!r}: task {self.name} takes every weight "
-                                 f"from --checkpoint; set it to null")
         if checkpoint is None:
             raise ValueError("text-assignment pre-training starts from a pretraining checkpoint: give --checkpoint")
         from model.weights.files import read_checkpoint

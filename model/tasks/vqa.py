@@ -155,11 +155,8 @@ class VQARecipe(Recipe):
     def build_model(self, tokenizer, checkpoint: str | None) -> ALBEFVQA:
         if not checkpoint:
             raise ValueError("task vqa fine-tunes a pretrained model: give --checkpoint (or train.init_checkpoint)")
+        self.refuse_init_weights()
         cfg = copy.deepcopy(self.run.model)
-        for part in ("vision", "text"):
-            if cfg[part]["init"]:
-                raise ValueError(f"model.{part}.init={cfg[part]['init']!r}: VQA takes every weight from "
-                                 f"--checkpoint; set it to null")
         if tokenizer.sep_token_id is None:
             raise ValueError("the tokenizer has no [SEP]: VQA answers end with it")
         from model.albef import text_settings_from_tokenizer
