@@ -1,6 +1,7 @@
 """The pretraining module: its forward against a recomputation from the spec, gradients, EMA,
 queue, inference API, retrieval mode, bad configs, and overfitting a fixed batch."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -242,6 +243,23 @@ def test_inference_api_shapes_and_normalised_features(tiny_albef, tiny_batch):
         assert torch.allclose(model.encode_text(longer_ids, longer_mask)[1], txt_feat, atol=1e-5)
 
 
+def test_itc_text_pool_mean_projects_the_masked_mean_token_state(tiny_model_cfg, tiny_batch):
+    """`model.itc_text_pool: mean` (docs/METHOD.md §2.1): the ITC text feature of the online and the
+    momentum model is the projection of the mean over real tokens; `cls` (default) keeps [CLS]."""
+    torch.manual_seed(0)
+    model = ALBEF({**tiny_model_cfg, "itc_text_pool": "mean"}).eval()
+    _, ids, mask = _inputs(tiny_batch)
+    with torch.no_grad():
+        tokens, feat = model.encode_text(ids, mask)
+        m = mask.unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize(model.text_proj((tokens * m).sum(1) / m.sum(1)), dim=-1)
+        assert torch.allclose(feat, expected, atol=1e-6)
+        cls = torch.nn.functional.normalize(model.text_proj(tokens[:, 0]), dim=-1)
+        assert not torch.allclose(feat, cls, atol=1e-3)
+        model.settings = dataclasses.replace(model.settings, itc_text_pool="cls")
+        assert torch.allclose(model.encode_text(ids, mask)[1], cls, atol=1e-6)
+
+
 def test_retrieval_mode_uses_image_ids_and_has_no_mlm(tiny_model_cfg, tiny_batch):
     tiny_model_cfg["retrieval"] = True
     torch.manual_seed(0)
@@ -297,6 +315,7 @@ def test_queue_size_not_divisible_by_global_batch_is_refused(tiny_model_cfg):
     ("mlm.mask_fraction", 0.95, r"mask_fraction \+ model\.mlm\.random_fraction"),
     ("temp", 0.9, r"model\.temp=0\.9 must lie in"),
     ("queue_size", "big", r"model\.queue_size='big' must be an integer"),
+    ("itc_text_pool", "max", r"model\.itc_text_pool='max' must be 'cls' or 'mean'"),
 ])
 def test_bad_configs_fail_at_construction_naming_the_setting(tiny_model_cfg, path, value, message):
     node = tiny_model_cfg
