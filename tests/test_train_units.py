@@ -243,6 +243,24 @@ def test_metrics_resume_truncates_then_plot(tmp_path):
     assert (tmp_path / "plots" / "retrieval.png").stat().st_size > 5000
 
 
+def test_a_task_runs_plots_show_its_own_losses_and_split_accuracies(tmp_path, monkeypatch):
+    """A fine-tuning run logs `loss_cls` and `<split>/acc`: both are drawn (no empty figures)."""
+    import model.engine.plot as plot
+    drawn = []
+    real = plot._curves
+    monkeypatch.setattr(plot, "_curves", lambda cols, curves, *a, **k: drawn.append([c for c, _ in curves])
+                        or real(cols, curves, *a, **k))
+    log = MetricsLog(tmp_path / "logs", resume_step=None)
+    for step in (1, 2, 3):
+        log.write(step, {**{k: v for k, v in _scalars(3.0).items() if not k.startswith("loss_")}, "loss_cls": 1.0})
+        log.write_eval(step, {"val/acc": 30.0 * step, "val/n": 96, "test/acc": 25.0 * step})
+    log.close()
+    assert plot_main([str(tmp_path)]) == 0
+    assert drawn == [["loss", "loss_cls"], ["val/acc", "test/acc"]]
+    assert (tmp_path / "plots" / "eval.png").stat().st_size > 5000
+    assert not (tmp_path / "plots" / "retrieval.png").exists()
+
+
 # ---------------------------------------------------------------- run configs
 def test_pretrain_configs_differ_by_data_and_schedule_only(monkeypatch):
     from model.engine.config import load_config

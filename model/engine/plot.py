@@ -1,9 +1,10 @@
 """`python -m model.engine.plot RUN_DIR`: loss and throughput curves of a run as PNG.
 
 Reads `RUN_DIR/logs/metrics.csv` (written by `model/train.py`) and writes
-`RUN_DIR/plots/loss.png` (total, ITC, ITM, MLM) and `RUN_DIR/plots/throughput.png`
-(samples/s and data-wait fraction); with `logs/eval.csv` (zero-shot retrieval
-during training) also `RUN_DIR/plots/retrieval.png`.
+`RUN_DIR/plots/loss.png` (the total and every `loss_*` term the task logs) and
+`RUN_DIR/plots/throughput.png` (samples/s and data-wait fraction); with
+`logs/eval.csv` also `RUN_DIR/plots/retrieval.png` (zero-shot retrieval during
+pretraining) or `RUN_DIR/plots/eval.png` (a task's accuracies per split).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from model.engine.progress import EVAL_CSV_NAME  # noqa: E402
 
-LOSS_CURVES = (("loss", "total"), ("loss_itc", "ITC"), ("loss_itm", "ITM"), ("loss_mlm", "MLM"))
+LOSS_NAMES = {"loss": "total", "loss_itc": "ITC", "loss_itm": "ITM", "loss_mlm": "MLM"}
 RETRIEVAL_CURVES = (("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("img_r1", "IR@1"), ("img_r5", "IR@5"))
 
 
@@ -45,7 +46,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = cols["step"]
 
-    loss_png = _curves(cols, LOSS_CURVES, "loss", f"{run_dir.name}: pretraining losses", out_dir / "loss.png")
+    losses = [(key, LOSS_NAMES.get(key, key.removeprefix("loss_"))) for key in cols
+              if key == "loss" or key.startswith("loss_")]
+    loss_png = _curves(cols, losses, "loss", f"{run_dir.name}: training losses", out_dir / "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(steps, cols["samples_per_s"], color="tab:blue", label="samples/s")
@@ -65,15 +68,21 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     plt.close(fig)
     written = [loss_png, thr_png]
     if (run_dir / "logs" / EVAL_CSV_NAME).is_file():
-        written.append(plot_retrieval(run_dir, out_dir))
+        written.append(plot_evaluations(run_dir, out_dir))
     return written
 
 
-def plot_retrieval(run_dir: Path, out_dir: Path) -> Path:
-    """Zero-shot ITC retrieval during training (`train.eval_annotation`), R@K against steps."""
-    return _curves(read_metrics(run_dir, EVAL_CSV_NAME), RETRIEVAL_CURVES, "recall (%)",
-                   f"{run_dir.name}: zero-shot retrieval on the held-out set (ITC only)",
-                   out_dir / "retrieval.png", marker="o")
+def plot_evaluations(run_dir: Path, out_dir: Path) -> Path:
+    """The evaluations during training against steps: zero-shot ITC retrieval R@K
+    (`train.eval_annotation`), or else every split's overall accuracy (`<split>/acc`)."""
+    cols = read_metrics(run_dir, EVAL_CSV_NAME)
+    if any(key in cols for key, _ in RETRIEVAL_CURVES):
+        return _curves(cols, RETRIEVAL_CURVES, "recall (%)",
+                       f"{run_dir.name}: zero-shot retrieval on the held-out set (ITC only)",
+                       out_dir / "retrieval.png", marker="o")
+    accuracies = [(key, key) for key in cols if key.endswith("/acc")]
+    return _curves(cols, accuracies, "accuracy (%)", f"{run_dir.name}: evaluations", out_dir / "eval.png",
+                   marker="o")
 
 
 def _curves(cols: dict[str, list[float]], curves, ylabel: str, title: str, path: Path, marker=None) -> Path:
@@ -85,7 +94,8 @@ def _curves(cols: dict[str, list[float]], curves, ylabel: str, title: str, path:
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
