@@ -5,8 +5,8 @@ and of packing the same images from disk, against the CPU ceiling of the same ru
 
 The served images are photo-like JPEGs (noise over gradients, 640x480, about
 the size of a CC3M original) so decoding, resizing to 384 and re-encoding cost
-what they cost on real data; the network is loopback, so this is the CPU
-ceiling of the stage, not a prediction of a web download (bounded by remote
+what they cost on real data; the network is loopback, so this measures the CPU
+cost of the stage, not a prediction of a web download (bounded by remote
 servers' latency, which threads hide). Rows repeat a pool of distinct images
 under distinct query strings.
 
@@ -23,6 +23,7 @@ stage, which a remote server would not.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import io
 import json
@@ -39,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 sys.path.insert(0, str(REPO))
 
 from pipeline.download import DEFAULT_CONFIG, load_settings  # noqa: E402
@@ -109,11 +111,37 @@ def _cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def adopt_orphans() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux), so their CPU is counted.
+
+    The stage's forkserver (and the workers it reaps) outlives the stage's
+    main process by a moment and is nobody's waited-for child otherwise.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans(deadline_s: float = 60.0) -> None:
+    """Wait for every adopted descendant to exit (their rusage then joins RUSAGE_CHILDREN)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
 def run_stage(args: list[str]) -> dict:
     """One `python -m pipeline.download` run: its summary, wall time and CPU seconds.
 
-    `stage_cpu_seconds`: the stage's process tree; `server_cpu_seconds`: this
-    process meanwhile (the local server's threads, when one is running).
+    `stage_cpu_seconds`: the stage's process tree (main, workers, forkserver;
+    see `adopt_orphans`); `server_cpu_seconds`: this process meanwhile (the
+    local server's threads, when one is running).
     """
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
     children, own = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
@@ -121,6 +149,7 @@ def run_stage(args: list[str]) -> dict:
     done = subprocess.run([sys.executable, "-m", "pipeline.download", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
+    reap_orphans()
     if done.returncode != 0:
         raise SystemExit(f"pipeline.download failed ({done.returncode}):\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -143,6 +172,7 @@ def main() -> None:
     parser.add_argument("--ceiling-rows", type=int, default=2000,
                         help="rows of each of the two ceiling measurements (before and after the stages)")
     args = parser.parse_args()
+    counted = adopt_orphans()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -195,6 +225,7 @@ def main() -> None:
         "download_vs_pack": round(web["rows_per_second"] / local["rows_per_second"], 3),
         # CPU per row (getrusage): robust to other load on the cores, unlike the rates
         "cpu_ms_per_row": {key: round(value, 2) for key, value in cpu.items()},
+        "cpu_of_whole_tree": counted,
         "download_cpu_vs_ceiling": round(cpu["ceiling"] / (cpu["download_stage"] + cpu["download_server"]), 3),
         "download_stage_cpu_vs_ceiling": round(cpu["ceiling"] / cpu["download_stage"], 3),
         "pack_cpu_vs_ceiling": round(cpu["ceiling"] / cpu["pack_stage"], 3),

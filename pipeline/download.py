@@ -386,9 +386,12 @@ def run_img2dataset(slice_file: Path, work: Path, first: int, settings: dict,
     `img2dataset.download` has no start-shard argument (its "extend" mode
     derives one but then re-downloads finished shards), while its Reader has
     `start_shard_id`; a Reader subclass that sets it is installed for the call.
+    Its workers and progress logger are replaced by warm-starting ones
+    (`pipeline.worker_pool`): same work, without re-importing img2dataset per process.
     """
     try:
         import img2dataset
+        from pipeline import worker_pool
     except ImportError as err:
         raise DownloadError(f"img2dataset cannot be imported ({err}); {INSTALL_HINT}") from err
 
@@ -399,7 +402,10 @@ def run_img2dataset(slice_file: Path, work: Path, first: int, settings: dict,
             super().__init__(*args, **kwargs)
             self.start_shard_id = first
 
-    with mock.patch.object(main_module, "Reader", ReaderFromFirstShard):
+    with mock.patch.object(main_module, "Reader", ReaderFromFirstShard), \
+            mock.patch.object(main_module, "multiprocessing_distributor",
+                              worker_pool.multiprocessing_distributor), \
+            mock.patch.object(main_module, "LoggerProcess", worker_pool.thread_logger_class()):
         img2dataset.download(
             url_list=str(slice_file),
             output_folder=str(work),

@@ -1,0 +1,83 @@
+"""Worker processes of the download stage that start warm.
+
+img2dataset's own distributor starts a spawn pool whose workers each import
+img2dataset afresh (it pulls in webdataset -> torch, albumentations, cv2 and
+wandb: about 6 s of CPU per process) and are replaced every 5 shards
+(`maxtasksperchild=5`), and it runs its progress logger as one more spawned
+process. On a 2-core node with 500-row shards that start-up was about a third
+of the stage's CPU (docs/SPEED.md, "Download stage").
+
+Here the workers come from a forkserver that imported those modules once: each
+new worker is a fork of it (milliseconds), so replacing workers stays cheap
+and the main process starts no thread-unsafe plain fork. The progress logger
+runs as a thread of the main process instead of a process of its own.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from multiprocessing import get_context
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
+
+# what a worker needs; imported once by the forkserver, inherited by every worker
+PRELOAD = ("img2dataset.downloader", "img2dataset.resizer", "img2dataset.writer", "pipeline.pack")
+# img2dataset's value: a worker is replaced after this many shards (bounds leaks)
+MAX_TASKS_PER_CHILD = 5
+
+
+def worker_context():
+    """A multiprocessing context whose new processes are forks of a preloaded forkserver."""
+    context = get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))
+    return context
+
+
+def multiprocessing_distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry):
+    """img2dataset's `multiprocessing_distributor` with workers from `worker_context()`.
+
+    Same contract: every shard of `reader` through `downloader`, failed shards
+    retried `max_shard_retry` times, progress by tqdm.
+    """
+    from img2dataset.distributor import retrier
+    from tqdm import tqdm
+
+    with worker_context().Pool(processes_count, maxtasksperchild=MAX_TASKS_PER_CHILD) as pool:
+
+        def run(shards):
+            failed = []
+            for ok, row in tqdm(pool.imap_unordered(downloader, shards)):
+                if ok is False:
+                    failed.append(row)
+            return failed
+
+        retrier(run, run(reader), max_shard_retry)
+        pool.terminate()
+        pool.join()
+
+
+def thread_logger_class():
+    """img2dataset's `LoggerProcess` (progress lines read from the stats files) run as a thread.
+
+    As a process it re-imports img2dataset and wandb to print a few lines.
+    """
+    from img2dataset.logger import LoggerProcess
+
+    class LoggerThread(LoggerProcess):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.q = queue.Queue()  # the stop signal stays within this process
+            self._thread = threading.Thread(target=self.run, daemon=True, name="img2dataset-logger")
+
+        def start(self):
+            self._thread.start()
+
+        def join(self, timeout=None):
+            self.q.put("stop")
+            self._thread.join(timeout)
+
+        def terminate(self):
+            pass  # a daemon thread: ends with the process
+
+    return LoggerThread
