@@ -13,7 +13,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo demo-tasks bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m demo.run $(DEMO_ARGS)
 
+# the other four downstream tasks, fine-tuned from the demo's pretrained model (runs `make demo` first if needed)
+demo-tasks: $(STAMP)
+	$(PY) -m demo.tasks $(DEMO_TASKS_ARGS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/loader.py
@@ -41,4 +45,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/vqa.py
 
 clean:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo_tasks

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from demo.make_data import make
+from model.engine.dist_env import free_port
 from pipeline.serve_images import serve_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[demo 3/4] pretraining a tiny ALBEF: deepspeed, 2 CPU ranks, ZeRO-2", flush=True)
     deepspeed = str(Path(python).parent / "deepspeed")
-    sh([deepspeed, "--num_gpus", "2", "model/train.py", "--config", args.config,
+    # a free rendezvous port: another job on this machine may hold DeepSpeed's default 29500
+    sh([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "model/train.py", "--config", args.config,
         "--deepspeed_config", args.deepspeed_config, "--output-dir", str(run),
         f"data.shards={shards}/*.tar", f"train.eval_annotation={data / 'test.json'}",
         f"train.eval_image_root={data}", *args.overrides])

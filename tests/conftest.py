@@ -17,7 +17,6 @@ pytest_plugins = [
     "tests.fixtures.training",
     "tests.fixtures.grounding",
     "tests.fixtures.classify",
-    "tests.fixtures.vqa",
 ]
 
 

@@ -22,7 +22,7 @@ from pipeline.image_store import FolderImages, ShardImages, image_store, normali
 from pipeline.pack_images import pack_images
 from pipeline.transforms import ImageTransform
 from pipeline.vqa_data import VQAEvalDataset
-from tests.fixtures.classify import write_nlvr, write_ve
+from demo.classify_scenes import write_nlvr, write_ve
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pipeline.grounding_data import (BAD_BOX, BAD_PROPOSALS, GroundingEvalCollat
                                      GroundingTrainDataset, ResizeFlipAugment)
 from pipeline.refer_convert import load_refs, main as refer_main
 from pipeline.transforms import AugmentConfig, ImageTransform
-from tests.fixtures.grounding import COLOURS, N_PROPOSALS, scene, write_grounding_scenes
+from demo.grounding_scenes import COLOURS, N_PROPOSALS, scene, write_grounding_scenes
 
 RES = 32
 

@@ -20,7 +20,7 @@ from model.cli import evaluate_main
 from model.engine.config import load_config
 from model.engine.dist_env import free_port
 from model.weights.released import export_albef_state_dict
-from tests.fixtures.classify import write_nlvr
+from demo.classify_scenes import write_nlvr
 from tests.fixtures.shards import brace_spec, write_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from model.cli import evaluate_main
 from model.engine.dist_env import free_port
 from model.engine.progress import read_records
 from pipeline.pack_images import pack_images
-from tests.fixtures.classify import write_ve
+from demo.classify_scenes import write_ve
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = 2

@@ -1,6 +1,6 @@
 """VQA units: decoder loss and weighting, causal mask, answer ranking, weight mapping, data, metrics.
 
-Everything runs in one process on the tiny model (tests/fixtures/vqa.py data).
+Everything runs in one process on the tiny model (demo/vqa_scenes.py data).
 """
 import copy
 import json
@@ -23,7 +23,7 @@ from pipeline.transforms import ImageTransform
 from pipeline.vqa_data import (VQAEvalDataset, VQATrainCollate, VQATrainDataset, answer_batch, answer_weights,
                                pre_question, read_answer_list)
 from tests.fixtures.model import REPO_ROOT
-from tests.fixtures.vqa import write_vqa_dataset
+from demo.vqa_scenes import write_vqa_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """VQA through the entry points: the result file on 2 ranks, and (slow) DeepSpeed fine-tuning.
 
-Data: generated scenes (tests/fixtures/vqa.py); the starting weights are a random
+Data: generated scenes (demo/vqa_scenes.py); the starting weights are a random
 tiny ALBEF saved in the pretraining layout, so the fusion -> decoder mapping runs
 as it does from ALBEF_4M.pth.
 """
@@ -20,7 +20,7 @@ from model.cli import evaluate_main
 from model.engine.config import load_config
 from model.engine.dist_env import free_port
 from model.weights.released import export_albef_state_dict
-from tests.fixtures.vqa import write_vqa_dataset
+from demo.vqa_scenes import write_vqa_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
