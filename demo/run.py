@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from demo.make_data import make
+from model.engine.config import load_config
 from model.engine.dist_env import free_port
 from pipeline.serve_images import serve_folder
 
@@ -34,6 +35,20 @@ BROKEN_ROUTES = ("404/gone.jpg", "notimage/bytes.jpg", "noai/{image}", "slow/{im
 def sh(cmd: list[str], **kw) -> None:
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, **kw)
+
+
+def model_overrides(config: str, extra: list[str] = ()) -> list[str]:
+    """The pretraining config's model section (with the run's own `model.*` overrides) as dotted
+    overrides, so that retrieval scores the model that was trained (e.g. `configs/small.yaml`'s 64 px
+    and mean-pooled ITC text feature), whatever `configs/demo_retrieval.yaml` says; `retrieval` stays
+    the evaluation config's."""
+    def flat(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}.{key}")
+            elif key != "retrieval":
+                yield f"{prefix}.{key}={json.dumps(value)}"
+    return list(flat(load_config(ROOT / config, extra)["model"], "model"))
 
 
 def write_url_list(data: Path, base_url: str) -> Path:
@@ -87,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = run / "retrieval_demo.json"
     sh([python, "-m", "model.evaluate", "--checkpoint", str(run / "export" / "albef.pth"),
         "--config", "configs/demo_retrieval.yaml", "--device", "cpu", "--output", str(result), "--save-scores",
-        f"data.test_file={data / 'test.json'}", f"data.image_root={data}"])
+        f"data.test_file={data / 'test.json'}", f"data.image_root={data}",
+        *model_overrides(args.config, [o for o in args.overrides if o.startswith("model.")])])
     sh([python, "-m", "model.plot", str(run)])
     sh([python, "-m", "model.tasks.retrieval_grid", "--scores", str(result.with_suffix(".npz")),
         "--annotations", str(data / "test.json"), "--image-root", str(data),

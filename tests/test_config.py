@@ -20,6 +20,13 @@ def test_bad_overrides_and_loops_are_refused(tmp_path):
         apply_overrides({}, ["train.lr"])
     with pytest.raises(ValueError, match="model.a is not a section"):
         apply_overrides({"model": {"a": 1}}, ["model.a.b=2"])
+    # an unquoted `data.shards=dir/{0..2}.tar` reaches us as three overrides: the last would win silently
+    expanded = [f"data.shards=dir/{i}.tar" for i in range(3)]
+    with pytest.raises(ValueError, match=r"override data.shards is given 3 times in a row; a brace pattern the "
+                                         r"shell expanded\? quote it"):
+        apply_overrides({"data": {}}, expanded)
+    # a default and, later, the user's value for the same key: the later one wins
+    assert apply_overrides({}, ["train.lr=1", "train.epochs=2", "train.lr=3"])["train"] == {"lr": 3, "epochs": 2}
     (tmp_path / "x.yaml").write_text("inherit: y.yaml\n")
     (tmp_path / "y.yaml").write_text("inherit: x.yaml\n")
     with pytest.raises(ValueError, match="loops"):

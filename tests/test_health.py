@@ -65,7 +65,8 @@ def test_stop_on_collapse_ends_a_run_that_cannot_learn(tmp_path):
     spec = _constant_shards(tmp_path / "shards")
     out = tmp_path / "run"
     cmd = training_command(out, "zero2_cpu.json", spec, max_steps=12, overrides=[
-        "train.warmup_steps=2", "train.log_every=3", "train.stop_on_collapse=true", "data.num_workers=0",
+        "train.warmup_steps=2", "train.log_every=3", "train.stop_on_collapse=true",
+        "train.collapse_patience_steps=6", "data.num_workers=0",
         "data.augment={crop_scale: [1.0, 1.0], flip_p: 0.0, randaug_n: 0}"])
     proc = subprocess.run(cmd, cwd=REPO, env=training_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0, proc.stdout[-3000:]
@@ -74,6 +75,9 @@ def test_stop_on_collapse_ends_a_run_that_cannot_learn(tmp_path):
     assert "train.stop_on_collapse: checkpoint written, run stopped" in log
     with (out / "logs" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert float(rows[-1]["collapse"]) == 1.0 and float(rows[-1]["cos_image"]) > 0.95
+    # warned from the first window after warm-up (step 3), stopped once it had lasted 6 steps (step 9)
+    assert [int(r["step"]) for r in rows] == [3, 6, 9] and all(float(r["collapse"]) == 1.0 for r in rows)
+    assert float(rows[-1]["cos_image"]) > 0.95
+    assert "(found for 0 steps)" in log and "for 6 steps >= train.collapse_patience_steps" in log
     assert (out / "checkpoints" / "latest").is_file()
     assert not (out / "export").exists()   # a stopped run is not exported as if it had finished

@@ -70,8 +70,16 @@ def _read(path: Path, seen: tuple[Path, ...]) -> dict:
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
-    """Apply dotted `a.b.c=value` overrides; an unknown top-level section is refused."""
+    """Apply dotted `a.b.c=value` overrides in order (a later one wins: defaults, then the user's);
+    an unknown top-level section and a key repeated in adjacent overrides (what an unquoted brace
+    pattern becomes in a shell) are refused."""
     cfg = copy.deepcopy(cfg)
+    overrides = list(overrides)
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    for before, key in zip(keys, keys[1:]):
+        if key == before:   # the shell writes an unquoted brace pattern as adjacent words, the last would win
+            raise ValueError(f"override {key} is given {keys.count(key)} times in a row; a brace pattern the "
+                             f"shell expanded? quote it: '{key}=...{{000..009}}.tar'")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")

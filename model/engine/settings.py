@@ -57,6 +57,9 @@ class TrainSettings:
     loss_weights: dict[str, float] = field(default_factory=dict)
     debug_records: bool = False          # per-step checksums/fingerprints in logs/records_rank{R}.jsonl (tests)
     stop_on_collapse: bool = False       # a collapse found by the health check ends the run (exit 3), checkpointed
+    # ... once it has persisted this many optimiser steps: small runs that go on to learn can look collapsed
+    # for a few hundred steps after warm-up (docs/COLLAPSE.md); every finding is still warned about at once
+    collapse_patience_steps: int = 500
     init_checkpoint: Optional[str] = None  # weights to start from (fine-tuning); --checkpoint overrides
     # where the scalars go (the same ones everywhere): logs/metrics.csv + eval.csv, logs/tb/, W&B (logs/wandb/)
     report_to: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
@@ -64,7 +67,8 @@ class TrainSettings:
     def check(self, where: str) -> None:
         _positive_ints(where, self, "epochs", "batch_size_per_rank", "max_tokens", "gradient_accumulation_steps",
                        "log_every", "checkpoint_every", "keep_checkpoints", "stop_check_every")
-        _non_negative(where, self, "lr", "warmup_lr", "min_lr", "weight_decay", "warmup_steps", "eps")
+        _non_negative(where, self, "lr", "warmup_lr", "min_lr", "weight_decay", "warmup_steps", "eps",
+                      "collapse_patience_steps")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"{where}.alpha={self.alpha} must lie in [0, 1]")
         for beta in self.betas:

@@ -184,6 +184,7 @@ class Trainer:
         self.metrics = MetricsLog(log_dir, self.step if self.resumed_from else None, t.report_to,
                                   run_name=self.out_dir.name, config=run.raw) if self.rank == 0 else None
         self.throughput = Throughput()
+        self._collapse_since: int | None = None   # step of the first of the current run of collapse findings
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.run.train
@@ -364,15 +365,21 @@ class Trainer:
         self._on_problems(problems)
 
     def _on_problems(self, problems: list[str]) -> None:
-        """Warn about a collapse; with `train.stop_on_collapse`, checkpoint and stop (same verdict on every rank)."""
+        """Warn about a collapse; with `train.stop_on_collapse`, checkpoint and stop once the findings have
+        lasted `train.collapse_patience_steps` without a healthy check between (same verdict on every rank)."""
         if not problems:
+            self._collapse_since = None
             return
+        if self._collapse_since is None:
+            self._collapse_since = self.step
+        lasted = self.step - self._collapse_since
         message = collapse_message(self.step, problems)
         if self.rank == 0:
-            print(f"[train] WARNING: {message}", flush=True)
-        if self.run.train.stop_on_collapse:
+            print(f"[train] WARNING: {message} (found for {lasted} steps)", flush=True)
+        if self.run.train.stop_on_collapse and lasted >= self.run.train.collapse_patience_steps:
             self._save()
-            raise CollapseError(message + " (train.stop_on_collapse: checkpoint written, run stopped)")
+            raise CollapseError(message + f" (for {lasted} steps >= train.collapse_patience_steps; "
+                                f"train.stop_on_collapse: checkpoint written, run stopped)")
 
     def _rank_devices(self) -> str:
         """Every rank's device and the backend, e.g. `cuda:0..7 nccl` (collective)."""
