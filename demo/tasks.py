@@ -53,7 +53,7 @@ def evaluate(config: str, checkpoint: Path, split: str, output: Path, overrides:
     return json.loads(output.read_text())["metrics"]
 
 
-def ve(work: Path, pretrained: Path) -> dict:
+def ve(work: Path, pretrained: Path, demo_shards: Path) -> dict:
     data = {name: write_ve(work / "data", name, n, seed) for name, n, seed in
             (("train", 768, 1), ("val", 96, 2), ("test", 192, 3))}
     sh([PYTHON, "-m", "pipeline.pack_images", str(work / "data" / "images"), str(work / "shards"),
@@ -77,7 +77,7 @@ def nlvr(work: Path, pretrained: Path, demo_shards: Path) -> dict:
     return {"metric": "test-P accuracy", "value": metrics["acc"], "baseline": 50.0, "baseline_is": "chance"}
 
 
-def vqa(work: Path, pretrained: Path) -> dict:
+def vqa(work: Path, pretrained: Path, demo_shards: Path) -> dict:
     files = write_vqa_dataset(work / "data")
     overrides = [f"data.train_file={files.train}", f"data.val_file={files.val}", f"data.test_file={files.test}",
                  f"data.answer_list={files.answer_list}", f"data.vqa_root={files.root}", f"data.vg_root={files.root}"]
@@ -87,7 +87,7 @@ def vqa(work: Path, pretrained: Path) -> dict:
             "baseline_is": "majority answer"}
 
 
-def grounding(work: Path, pretrained: Path) -> dict:
+def grounding(work: Path, pretrained: Path, demo_shards: Path) -> dict:
     scenes = write_grounding_scenes(work / "data")
     overrides = [f"data.train_file={scenes['train']}", f"data.val_file={scenes['val']}",
                  f"data.test_file={scenes['test']}", f"data.image_root={scenes['root']}"]
@@ -97,6 +97,7 @@ def grounding(work: Path, pretrained: Path) -> dict:
             "baseline_is": "chance"}
 
 
+# each: (work folder, pretrained export, the demo's pretraining shards) -> result
 TASKS = {"ve": ve, "nlvr": nlvr, "vqa": vqa, "grounding": grounding}
 
 
@@ -119,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)   # fine-tuning refuses a folder that holds checkpoints
         print(f"\n[demo-tasks {n}/{len(args.tasks)}] {name}", flush=True)
         t0 = time.time()
-        result = TASKS[name](work, pretrained, args.demo / "shards") if name == "nlvr" else \
-            TASKS[name](work, pretrained)
+        result = TASKS[name](work, pretrained, args.demo / "shards")
         results[name] = {**result, "seconds": round(time.time() - t0)}
     summary_file = args.out / "summary.json"
     earlier = json.loads(summary_file.read_text())["tasks"] if summary_file.is_file() else {}

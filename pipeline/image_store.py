@@ -169,10 +169,10 @@ def image_store(root: str | os.PathLike | None = None, shards: str | Sequence[st
                          f"got {both}")
     if root is not None:
         return FolderImages(root)
-    paths = tuple(expand_shards(shards))
-    key = tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths)
+    paths = expand_shards(shards)
+    key = tuple((p, stat.st_mtime_ns, stat.st_size) for p, stat in ((p, os.stat(p)) for p in paths))
     if key not in _SHARD_STORES:
-        _SHARD_STORES[key] = ShardImages(list(paths))
+        _SHARD_STORES[key] = ShardImages(paths)
     return _SHARD_STORES[key]
 
 

@@ -90,18 +90,19 @@ class PretrainRecipe(Recipe):
     def train_loader(self, tokenizer):
         from pipeline.loader import ShardLoader
         d, t = self.run.data, self.run.train
-        return ShardLoader(d.shards, tokenizer, batch_size=t.batch_size_per_rank, rank=self.env.rank,
-                           world_size=self.env.world, num_workers=d.num_workers, seed=t.seed, train=True,
-                           image_res=self.run.model["vision"]["image_res"], max_tokens=t.max_tokens,
-                           resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, augment=d.augment,
-                           pin_memory=self.env.device.type == "cuda", allow_pipe=d.allow_pipe,
-                           remote_timeout_s=d.remote_timeout_s, remote_retries=d.remote_retries)
+        loader = ShardLoader(d.shards, tokenizer, batch_size=t.batch_size_per_rank, rank=self.env.rank,
+                             world_size=self.env.world, num_workers=d.num_workers, seed=t.seed, train=True,
+                             image_res=self.run.model["vision"]["image_res"], max_tokens=t.max_tokens,
+                             resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, augment=d.augment,
+                             pin_memory=self.env.device.type == "cuda", allow_pipe=d.allow_pipe,
+                             remote_timeout_s=d.remote_timeout_s, remote_retries=d.remote_retries)
+        self._pixel_stats = (loader.augment.mean, loader.augment.std)   # normalisation happens in `images`
+        return loader
 
     def images(self, batch: dict, device: torch.device) -> torch.Tensor:
         """The shard loader's uint8 images, copied to `device` and normalised there (pipeline/loader.py)."""
-        from pipeline.transforms import AugmentConfig, normalize_images
-        augment = AugmentConfig.from_dict(self.run.data.augment)
-        return normalize_images(batch["image"].to(device, non_blocking=True), augment.mean, augment.std)
+        from pipeline.transforms import normalize_images
+        return normalize_images(batch["image"].to(device, non_blocking=True), *self._pixel_stats)
 
     def itc_chance(self) -> float:
         return 1.0 / (self.run.train.batch_size_per_rank + self.run.model["queue_size"])
