@@ -155,12 +155,20 @@ def main() -> None:
             for _ in loader:
                 pass
 
-        def shard_loader(workers: int):
+        def shard_loader(workers: int, on_device: bool = False):
             loader = ShardLoader(spec, tokenizer, batch_size=args.batch, num_workers=workers,
-                                 seed=args.seed, image_res=args.res, max_tokens=args.max_tokens)
+                                 seed=args.seed, image_res=args.res, max_tokens=args.max_tokens,
+                                 augment={"on_device": on_device})
             return loader, lambda: [None for _ in loader]
 
         loader, run_loader = shard_loader(0)
+        # augment.on_device: the loader's core reads, decodes, crops; the device does the rest
+        crops_loader, run_crops_loader = shard_loader(0, on_device=True)
+        crop_batches = list(crops_loader)
+
+        def device_half_on_cpu():   # what the device does, here on this CPU core (a CPU-only run pays it)
+            for batch in crop_batches:
+                crops_loader.images(batch, torch.device("cpu"))
 
         # the stages of the loader's sample path, separately, on the same images
         def read_tars():
@@ -195,9 +203,12 @@ def main() -> None:
             text_batch(tokenizer, [pre_caption(c) for c in captions], args.max_tokens)
 
         samples = {"decode_only": n, "map_style_files_same_transforms": n - n % args.batch,
-                   "shard_loader_full_path": loader.samples_per_epoch}
+                   "shard_loader_full_path": loader.samples_per_epoch,
+                   "shard_loader_augment_on_device": crops_loader.samples_per_epoch}
         seconds = fastest_seconds({"decode_only": decode_all, "map_style_files_same_transforms": map_style,
-                                   "shard_loader_full_path": run_loader, "tar_read": read_tars,
+                                   "shard_loader_full_path": run_loader,
+                                   "shard_loader_augment_on_device": run_crops_loader,
+                                   "device_half_on_cpu": device_half_on_cpu, "tar_read": read_tars,
                                    "crop_resize_bicubic": crop_resize, "flip_randaugment": augment,
                                    "crop_resize_bicubic_pil": lambda: crop_resize("pil"),
                                    "stack_uint8": stack, "caption_clean_tokenize": text,
@@ -219,6 +230,12 @@ def main() -> None:
                          "torch_threads": torch.get_num_threads(), "repeats": args.repeats},
             "samples_per_s_per_core": {name: round(rate, 1) for name, rate in rates.items()},
             "loader_vs_decode_only": round(rates["shard_loader_full_path"] / rates["decode_only"], 3),
+            # the loader's core with augment.on_device: decode, crop, tar, text (the rest runs on the device)
+            "loader_augment_on_device_vs_decode_only": round(rates["shard_loader_augment_on_device"]
+                                                             / rates["decode_only"], 3),
+            # the device's half of augment.on_device timed on this core: what a CPU-only run would pay
+            "device_half_on_one_cpu_core_ms_per_sample": round(1000.0 * seconds["device_half_on_cpu"]
+                                                                / crops_loader.samples_per_epoch, 3),
             "loader_vs_map_style": round(rates["shard_loader_full_path"]
                                          / rates["map_style_files_same_transforms"], 3),
             "breakdown_ms_per_sample": {k: round(v, 3) for k, v in breakdown.items()},

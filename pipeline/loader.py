@@ -36,14 +36,17 @@ rank, worker, position), planned in `pipeline.order`:
   `shard_problems` ({reason: shards} left out or cut short while resolving
   the spec) is the same on every rank: show it once, do not sum it.
 
-WebDataset provides the tar reading and the opener (`pipeline.shards`); its
-pipeline stages are not used, for these reasons: `with_epoch`
+WebDataset provides the pipe opener, the sample-key rule and the reading of
+compressed tars (`pipeline.shards`; uncompressed tars are read by
+`pipeline.tar_members`, member for member the same); its pipeline stages are not used, for these reasons: `with_epoch`
 counts per worker, its node splitting leaves ranks with unequal sample
 counts, it has no mid-epoch position, and `warn_and_continue` sleeps.
 
 Batches: `image` uint8 [B, 3, res, res] (augmented pixels; the consumer
 normalises them on its device with `pipeline.transforms.normalize_images`, a
-quarter of the bytes to copy and no float work on the loader's core), `input_ids` and
+quarter of the bytes to copy and no float work on the loader's core) or, with
+`augment.on_device: true`, the crops and their augmentation plans instead
+(`image_crops`, `image_shapes`, `image_plan`: `pipeline.device_augment`), `input_ids` and
 `attention_mask` long [B, L], `idx` long [B] when every sample's json has an
 integer `image_id`, and `__key__` (list of B sample keys, for tracing).
 """
@@ -63,11 +66,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.captions import DEFAULT_MAX_WORDS
+from pipeline.device_augment import augment_on_device, pack_crops
 from pipeline.order import Layout, RangePlan, ResampledPlan, derive_seed, emit_from, epoch_order
 from pipeline.samples import DEFAULT_MAX_PIXELS, Decoded, SampleDecoder
 from pipeline.shards import Remote, read_segment, redact, resolve_sources
 from pipeline.tokenize import text_batch
-from pipeline.transforms import AugmentConfig, ImageTransform, stack_pixels
+from pipeline.transforms import AugmentConfig, ImageTransform, normalize_images, stack_pixels
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +162,7 @@ class ShardLoader:
         self.shuffle_buffer, self.max_tokens = shuffle_buffer, max_tokens
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.augment = AugmentConfig.from_dict(augment)
+        self.image_res = image_res
         self.decoder = SampleDecoder(ImageTransform(image_res, train, self.augment), max_words, max_pixels)
         self.shards_digest = hashlib.sha1(
             json.dumps([(s.url, s.samples) for s in self.shards]).encode()).hexdigest()
@@ -190,6 +195,15 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def images(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """A batch's pixels as the model's input on `device`: float32 [B, 3, res, res], normalised
+        there (and resized + augmented there first with augment.on_device)."""
+        if self.augment.on_device:
+            pixels = augment_on_device(batch, self.image_res, self.augment, device)
+        else:
+            pixels = batch["image"].to(device, non_blocking=True)
+        return normalize_images(pixels, self.augment.mean, self.augment.std)
 
     # ---- epochs and positions -----------------------------------------------
     @property
@@ -331,9 +345,11 @@ class ShardLoader:
 
     def _collate(self, samples: list[Decoded]) -> dict:
         input_ids, attention_mask = text_batch(self.tokenizer, [s.caption for s in samples], self.max_tokens)
-        batch = {"image": stack_pixels([s.pixels for s in samples]),   # uint8: normalize_images on the device
-                 "input_ids": input_ids, "attention_mask": attention_mask,
-                 "__key__": [s.key for s in samples]}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "__key__": [s.key for s in samples]}
+        if self.augment.on_device:   # crops + plans: augment_on_device, then normalize_images, on the device
+            batch.update(pack_crops([s.pixels for s in samples], [s.plan for s in samples], self.augment.randaug_n))
+        else:
+            batch["image"] = stack_pixels([s.pixels for s in samples])   # uint8: normalize_images on the device
         if all(s.idx is not None for s in samples):
             batch["idx"] = torch.tensor([s.idx for s in samples], dtype=torch.long)
         return batch

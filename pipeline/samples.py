@@ -22,7 +22,8 @@ from PIL import Image
 from pipeline.captions import DEFAULT_MAX_WORDS, pre_caption
 from pipeline.images import ImageTooLarge, UnreadableImage, decode_rgb
 from pipeline.shards import RawSample
-from pipeline.transforms import ImageTransform
+from pipeline.device_augment import crop_pixels
+from pipeline.transforms import ImagePlan, ImageTransform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # PIL's own decompression-bomb threshold: anything larger is not a web photo.
@@ -47,9 +48,10 @@ BAD_REASONS = (
 @dataclass
 class Decoded:
     key: str
-    pixels: np.ndarray  # uint8 [res, res, 3], augmented
+    pixels: np.ndarray  # uint8 [res, res, 3], augmented; with augment.on_device the crop [h, w, 3]
     caption: str
     idx: int | None
+    plan: ImagePlan | None = None  # augment.on_device: what the device does to the crop
 
 
 class SampleDecoder:
@@ -78,10 +80,14 @@ class SampleDecoder:
         image, reason = self._image(raw.files)
         if reason:
             return None, reason
-        pixels = self.transform.pixels(image, rng)
+        plan = self.transform.plan(image.width, image.height, rng)
+        if self.transform.augment.on_device:   # the device resizes and augments (pipeline/device_augment.py)
+            pixels = crop_pixels(image, plan.box)
+        else:
+            pixels, plan = self.transform.apply(image, plan), None
         idx = meta.get("image_id")
         idx = idx if isinstance(idx, int) and not isinstance(idx, bool) else None
-        return Decoded(raw.key, pixels, caption, idx), None
+        return Decoded(raw.key, pixels, caption, idx, plan), None
 
     def _image(self, files: dict[str, bytes]) -> tuple[Image.Image | None, str | None]:
         data = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)

@@ -45,12 +45,12 @@ from typing import Iterator, Sequence
 
 import braceexpand
 from webdataset.gopen import gopen_pipe
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from pipeline import remote as remote_io
 from pipeline.manifest import MANIFEST_NAME, read_manifest
 from pipeline.remote import Remote, RemoteError, describe, redact  # redact: also for callers of this module
+from pipeline.tar_members import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +297,8 @@ def _key_groups(stream, url: str) -> Iterator[RawSample]:
     current: RawSample | None = None
     complete: set[str] | None = None
     try:
-        for member in tar_file_iterator(stream, handler=reraise_exception):
-            prefix, suffix = base_plus_ext(member["fname"])
+        for name, data in tar_members(stream):
+            prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue
             if current is None or prefix != current.key:
@@ -306,7 +306,7 @@ def _key_groups(stream, url: str) -> Iterator[RawSample]:
                     complete = set(current.files)
                     yield current
                 current = RawSample(prefix, url, {})
-            current.files[suffix.lower()] = member["data"]
+            current.files[suffix.lower()] = data
     except Exception:
         if current is not None and complete is not None and complete <= set(current.files):
             yield current

@@ -86,6 +86,7 @@ class AugmentConfig:
     randaug_ops: tuple[str, ...] = ALBEF_RANDAUG_OPS
     randaug_fix_overflow: bool = False  # deviation: PIL-correct autocontrast/sharpness (module docstring)
     resize_backend: str = "torch"  # "pil": PIL's bicubic, bit for bit the reference; "torch": <= 1 level off, faster
+    on_device: bool = False  # shard loader only: crop on the loader, resize + flip + RandAugment on the training device
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
@@ -106,23 +107,37 @@ class AugmentConfig:
             raise ValueError(f"augment.randaug_ops: unknown op(s) {bad_ops}; known: {sorted(_OPS)}")
         if cfg.resize_backend not in RESIZE_BACKENDS:
             raise ValueError(f"augment.resize_backend={cfg.resize_backend!r} must be one of {RESIZE_BACKENDS}")
-        if not isinstance(cfg.randaug_fix_overflow, bool):
-            raise ValueError(f"augment.randaug_fix_overflow={cfg.randaug_fix_overflow!r} must be true or false")
+        for key in ("randaug_fix_overflow", "on_device"):
+            if not isinstance(getattr(cfg, key), bool):
+                raise ValueError(f"augment.{key}={getattr(cfg, key)!r} must be true or false")
+        if cfg.on_device and cfg.resize_backend != "torch":
+            raise ValueError("augment.on_device resizes with torch's kernel on the device; "
+                             f"resize_backend={cfg.resize_backend!r} needs on_device: false")
         if not 0 <= cfg.randaug_m <= RANDAUG_MAX_LEVEL:
             raise ValueError(f"augment.randaug_m={cfg.randaug_m} must lie in [0, {RANDAUG_MAX_LEVEL}]")
         return cfg
 
 
-def _signed(magnitude: float, rng: random.Random) -> float:
-    # The reference flips the sign with probability 0.5 for geometric ops.
-    return -magnitude if rng.random() > 0.5 else magnitude
-
-
 def _warp(img: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    # matrix [2, 3]: float32 for shear/translate, float64 for rotate, as the reference builds them
-    # (OpenCV rounds float32 coefficients differently, which moves a few pixels of a rotation)
     height, width = img.shape[:2]
     return cv2.warpAffine(img, matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=FILL_RGB)
+
+
+def warp_matrix(name: str, arg: float, width: int, height: int) -> np.ndarray:
+    """The [2, 3] forward matrix of a geometric op (output(M @ p) = input(p)), as the reference builds
+    it: float32 for shear/translate, float64 for rotate (OpenCV rounds float32 coefficients
+    differently, which moves a few pixels of a rotation). The device executor inverts the same matrix."""
+    if name == "shear_x":
+        return np.float32([[1, arg, 0], [0, 1, 0]])
+    if name == "shear_y":
+        return np.float32([[1, 0, 0], [arg, 1, 0]])
+    if name == "translate_x":
+        return np.float32([[1, 0, -arg], [0, 1, 0]])
+    if name == "translate_y":
+        return np.float32([[1, 0, 0], [0, 1, -arg]])
+    if name == "rotate":
+        return cv2.getRotationMatrix2D((width / 2, height / 2), arg, 1)
+    raise ValueError(f"{name!r} is not a geometric op")
 
 
 def _per_channel_lut(img: np.ndarray, table_of) -> np.ndarray:
@@ -131,7 +146,7 @@ def _per_channel_lut(img: np.ndarray, table_of) -> np.ndarray:
     return cv2.LUT(img, tables.reshape(256, 1, img.shape[2]))
 
 
-def _identity(img, level, rng):
+def _identity(img, arg):
     return img
 
 
@@ -150,15 +165,15 @@ def _autocontrast_table(img: np.ndarray, fix_overflow: bool):
     return table
 
 
-def _autocontrast(img, level, rng):
+def _autocontrast(img, arg):
     return _per_channel_lut(img, _autocontrast_table(img, fix_overflow=False))
 
 
-def _autocontrast_fixed(img, level, rng):
+def _autocontrast_fixed(img, arg):
     return _per_channel_lut(img, _autocontrast_table(img, fix_overflow=True))
 
 
-def _equalize(img, level, rng):
+def _equalize(img, arg):
     def table(c):
         hist = cv2.calcHist([img], [c], None, [256], [0, 256]).reshape(-1)
         step = np.sum(hist[hist != 0][:-1]) // 255
@@ -176,14 +191,13 @@ def _enhance_factor(level: float) -> float:
     return ENHANCE_MIN_FACTOR + ENHANCE_FACTOR_SPAN * level / RANDAUG_MAX_LEVEL
 
 
-def _brightness(img, level, rng):
-    table = (np.arange(256, dtype=np.float32) * _enhance_factor(level)).clip(0, 255).astype(np.uint8)
+def _brightness(img, factor):
+    table = (np.arange(256, dtype=np.float32) * factor).clip(0, 255).astype(np.uint8)
     return cv2.LUT(img, table)
 
 
-def _sharpness_blend(img: np.ndarray, level: float) -> np.ndarray:
+def _sharpness_blend(img: np.ndarray, factor: float) -> np.ndarray:
     """float32 degenerate + factor * (img - degenerate) on the interior (border excluded)."""
-    factor = _enhance_factor(level)
     degenerate = cv2.filter2D(img, -1, SHARPNESS_KERNEL)[1:-1, 1:-1].astype(np.float32)
     blend = img[1:-1, 1:-1].astype(np.float32)
     np.subtract(blend, degenerate, out=blend)
@@ -192,72 +206,81 @@ def _sharpness_blend(img: np.ndarray, level: float) -> np.ndarray:
     return blend
 
 
-def _sharpness(img, level, rng):
+def _sharpness(img, factor):
     # the reference's float -> uint8 cast: truncate toward zero, wrap modulo 256; the border keeps img
     out = img.copy()
-    out[1:-1, 1:-1] = _sharpness_blend(img, level).astype(np.int32).astype(np.uint8)
+    out[1:-1, 1:-1] = _sharpness_blend(img, factor).astype(np.int32).astype(np.uint8)
     return out
 
 
-def _sharpness_fixed(img, level, rng):
-    blend = _sharpness_blend(img, level)
+def _sharpness_fixed(img, factor):
+    blend = _sharpness_blend(img, factor)
     out = img.copy()
     out[1:-1, 1:-1] = np.clip(blend, 0, 255, out=blend)
     return out
 
 
-def _shear_x(img, level, rng):
-    shear = _signed(MAX_SHEAR * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, np.float32([[1, shear, 0], [0, 1, 0]]))
+def _geometric(name: str):
+    def op(img, arg):
+        return _warp(img, warp_matrix(name, arg, img.shape[1], img.shape[0]))
+    return op
 
 
-def _shear_y(img, level, rng):
-    shear = _signed(MAX_SHEAR * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, np.float32([[1, 0, 0], [shear, 1, 0]]))
-
-
-def _translate_x(img, level, rng):
-    offset = _signed(MAX_TRANSLATE_PIXELS * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, np.float32([[1, 0, -offset], [0, 1, 0]]))
-
-
-def _translate_y(img, level, rng):
-    offset = _signed(MAX_TRANSLATE_PIXELS * level / RANDAUG_MAX_LEVEL, rng)
-    return _warp(img, np.float32([[1, 0, 0], [0, 1, -offset]]))
-
-
-def _rotate(img, level, rng):
-    # The reference draws this sign with `< 0.5` (`> 0.5` elsewhere): the same law.
-    degrees = _signed(MAX_ROTATE_DEGREES * level / RANDAUG_MAX_LEVEL, rng)
-    height, width = img.shape[:2]
-    return _warp(img, cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1))
-
-
-_OPS: dict[str, Callable[[np.ndarray, float, random.Random], np.ndarray]] = {
+GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+# A drawn op's argument from the level M (the reference's level-to-argument mapping); a kept
+# geometric op then gets a random sign.
+_OP_ARGUMENT: dict[str, Callable[[float], float]] = {
+    "identity": lambda m: 0.0,
+    "autocontrast": lambda m: 0.0,
+    "equalize": lambda m: 0.0,
+    "brightness": _enhance_factor,
+    "sharpness": _enhance_factor,
+    "shear_x": lambda m: MAX_SHEAR * m / RANDAUG_MAX_LEVEL,
+    "shear_y": lambda m: MAX_SHEAR * m / RANDAUG_MAX_LEVEL,
+    "translate_x": lambda m: MAX_TRANSLATE_PIXELS * m / RANDAUG_MAX_LEVEL,
+    "translate_y": lambda m: MAX_TRANSLATE_PIXELS * m / RANDAUG_MAX_LEVEL,
+    "rotate": lambda m: MAX_ROTATE_DEGREES * m / RANDAUG_MAX_LEVEL,
+}
+_OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "identity": _identity,
     "autocontrast": _autocontrast,
     "equalize": _equalize,
     "brightness": _brightness,
     "sharpness": _sharpness,
-    "shear_x": _shear_x,
-    "shear_y": _shear_y,
-    "translate_x": _translate_x,
-    "translate_y": _translate_y,
-    "rotate": _rotate,
+    **{name: _geometric(name) for name in GEOMETRIC_OPS},
 }
 # `randaug_fix_overflow: true`: PIL's intended autocontrast and a clipped sharpness blend
 _FIXED_OPS = {**_OPS, "autocontrast": _autocontrast_fixed, "sharpness": _sharpness_fixed}
 
 
-def rand_augment(img: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
-    """ALBEF's RandomAugment on uint8 [H, W, 3]: N ops drawn with replacement, each applied with p."""
-    table = _FIXED_OPS if cfg.randaug_fix_overflow else _OPS
-    ops = [rng.choice(cfg.randaug_ops) for _ in range(cfg.randaug_n)]
-    for name in ops:
+def plan_rand_augment(cfg: AugmentConfig, rng: random.Random) -> tuple[tuple[str, float], ...]:
+    """ALBEF's RandomAugment draws: N ops with replacement, each kept with p; returns the kept
+    (op, argument) pairs in order. The draws are the reference's, in its order: the N choices
+    first, then per op the keep draw and, for a kept geometric op, its sign."""
+    chosen = [rng.choice(cfg.randaug_ops) for _ in range(cfg.randaug_n)]
+    kept = []
+    for name in chosen:
         if rng.random() > cfg.randaug_p:
             continue
-        img = table[name](img, cfg.randaug_m, rng)
+        arg = _OP_ARGUMENT[name](cfg.randaug_m)
+        if name in GEOMETRIC_OPS:
+            # the reference flips the sign with probability 0.5 (rotate draws `< 0.5`: the same law)
+            arg = -arg if rng.random() > 0.5 else arg
+        kept.append((name, arg))
+    return tuple(kept)
+
+
+def apply_rand_augment(img: np.ndarray, ops: Sequence[tuple[str, float]], fix_overflow: bool) -> np.ndarray:
+    """Apply planned (op, argument) pairs to uint8 [H, W, 3] with OpenCV, as the reference does."""
+    table = _FIXED_OPS if fix_overflow else _OPS
+    for name, arg in ops:
+        img = table[name](img, arg)
     return img
+
+
+def rand_augment(img: np.ndarray, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
+    """ALBEF's RandomAugment on uint8 [H, W, 3]: draw the ops, then apply them."""
+    return apply_rand_augment(img, plan_rand_augment(cfg, rng), cfg.randaug_fix_overflow)
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
@@ -284,13 +307,26 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+@dataclass(frozen=True)
+class ImagePlan:
+    """Every random choice of one sample's transform, drawn before any pixel is touched: the crop
+    box (left, top, width, height) in the decoded image, the flip, and RandAugment's kept
+    (op, argument) pairs. The loader applies a plan itself (`ImageTransform.apply`) or ships it
+    with the cropped pixels to the training device (`pipeline.device_augment`)."""
+
+    box: tuple[int, int, int, int]
+    flip: bool = False
+    ops: tuple[tuple[str, float], ...] = ()
+
+
 class ImageTransform:
     """Pretraining (`train=True`) or test transform for one decoded RGB image.
 
     `pixels` returns the augmented uint8 [res, res, 3] array; the loader
     stacks those and normalises the whole batch at once (`normalize_batch`),
     bit for bit what per-sample ToTensor + Normalize give. `__call__` is the
-    per-sample form (float [3, res, res]).
+    per-sample form (float [3, res, res]). `plan` + `apply` are `pixels` in
+    two halves: the draws, then the pixel work.
     """
 
     def __init__(self, image_res: int, train: bool, augment: AugmentConfig | None = None):
@@ -300,15 +336,26 @@ class ImageTransform:
         self.train = train
         self.augment = augment or AugmentConfig()
 
-    def pixels(self, img: Image.Image, rng: random.Random) -> np.ndarray:
+    def plan(self, width: int, height: int, rng: random.Random) -> ImagePlan:
+        """The draws, in the reference's order: crop box, flip, RandAugment. The test transform
+        draws nothing: the whole image, resized."""
         if not self.train:
-            return resize_bicubic(img, self.image_res, self.augment.resize_backend)
-        left, top, w, h = random_resized_crop_box(img.width, img.height, self.augment.crop_scale, rng)
-        # crop, then resize: torchvision's border handling (resize(box=) would filter across the crop edge)
+            return ImagePlan((0, 0, width, height))
+        box = random_resized_crop_box(width, height, self.augment.crop_scale, rng)
         flip = rng.random() < self.augment.flip_p
-        pixels = resize_bicubic(img.crop((left, top, left + w, top + h)), self.image_res,
-                                self.augment.resize_backend, flip=flip)
-        return rand_augment(pixels, self.augment, rng)
+        return ImagePlan(box, flip, plan_rand_augment(self.augment, rng))
+
+    def apply(self, img: Image.Image, plan: ImagePlan) -> np.ndarray:
+        """Crop, resize, flip, RandAugment on this core: uint8 [res, res, 3]."""
+        left, top, w, h = plan.box
+        if (left, top, w, h) != (0, 0, img.width, img.height):
+            # crop, then resize: torchvision's border handling (resize(box=) would filter across the crop edge)
+            img = img.crop((left, top, left + w, top + h))
+        pixels = resize_bicubic(img, self.image_res, self.augment.resize_backend, flip=plan.flip)
+        return apply_rand_augment(pixels, plan.ops, self.augment.randaug_fix_overflow)
+
+    def pixels(self, img: Image.Image, rng: random.Random) -> np.ndarray:
+        return self.apply(img, self.plan(img.width, img.height, rng))
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         # the test transform draws nothing, so `transform(img)` works as a torchvision transform would

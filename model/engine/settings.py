@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 REPORT_BACKENDS = ("csv", "tensorboard", "wandb")   # train.report_to
 
@@ -92,15 +92,19 @@ class DataSettings:
     """Data settings every task has."""
     num_workers: int = 6                 # DataLoader worker processes per rank
     augment: dict[str, Any] = field(default_factory=dict)   # pipeline.transforms.AugmentConfig keys
+    device_augment: ClassVar[bool] = False   # whether this task's loader supports augment.on_device
 
     def check(self, where: str) -> None:
         if self.num_workers < 0:
             raise ValueError(f"{where}.num_workers={self.num_workers} must not be negative")
         from pipeline.transforms import AugmentConfig
         try:
-            AugmentConfig.from_dict(self.augment)
+            augment = AugmentConfig.from_dict(self.augment)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}.augment: {err}") from None
+        if augment.on_device and not self.device_augment:
+            raise ValueError(f"{where}.augment.on_device: only the pretraining shard loader hands crops to the "
+                             f"device; this task's datasets augment on the loader (set it to false)")
 
 
 @dataclass

@@ -479,8 +479,9 @@ def debug_record_batch(debug: dict, batch: dict) -> None:
     from model.engine.records import batch_fingerprint
     if "input_ids" in batch:
         debug["fingerprint"] += batch_fingerprint(batch["input_ids"])
-    if "image" in batch:
-        debug["image_sum"] += float(batch["image"].sum(dtype=torch.float64))
+    pixels = batch.get("image", batch.get("image_crops"))   # image_crops: data.augment.on_device
+    if pixels is not None:
+        debug["image_sum"] += float(pixels.sum(dtype=torch.float64))
 
 
 def run_training(args: argparse.Namespace, recipe_cls: type[Recipe], run: RunConfig) -> int:

@@ -13,7 +13,7 @@ export is the released ALBEF layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
 
@@ -47,6 +47,7 @@ class PretrainData(DataSettings):
     allow_pipe: bool = False                     # accept `pipe:COMMAND` sources (they run shell commands)
     remote_timeout_s: float = 60.0               # longest remote open/read before it counts as failed
     remote_retries: int = 3                      # further tries of a failed remote read, with backoff
+    device_augment: ClassVar[bool] = True        # the shard loader supports augment.on_device
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -96,13 +97,13 @@ class PretrainRecipe(Recipe):
                              resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, augment=d.augment,
                              pin_memory=self.env.device.type == "cuda", allow_pipe=d.allow_pipe,
                              remote_timeout_s=d.remote_timeout_s, remote_retries=d.remote_retries)
-        self._pixel_stats = (loader.augment.mean, loader.augment.std)   # normalisation happens in `images`
+        self._loader = loader   # its `images` turns a batch into the model's input on the device
         return loader
 
     def images(self, batch: dict, device: torch.device) -> torch.Tensor:
-        """The shard loader's uint8 images, copied to `device` and normalised there (pipeline/loader.py)."""
-        from pipeline.transforms import normalize_images
-        return normalize_images(batch["image"].to(device, non_blocking=True), *self._pixel_stats)
+        """The shard loader's uint8 pixels, copied to `device` and normalised (augmented first with
+        data.augment.on_device) there (pipeline/loader.py)."""
+        return self._loader.images(batch, device)
 
     def itc_chance(self) -> float:
         return 1.0 / (self.run.train.batch_size_per_rank + self.run.model["queue_size"])
