@@ -54,6 +54,9 @@ ALLOWED = {
     ("deepspeed/runtime/zero/stage_1_and_2.py", "_optimizer_step"): (
         "host", "torch.optim.AdamW (for-each implementation, CPU ranks) reads its step counter, a CPU "
         "tensor; on CUDA the trainer builds fused AdamW, whose step counter stays on the device"),
+    ("pipeline/device_augment.py", "augment_on_device"): (
+        "host", "data.augment.on_device: the batch's crop shapes and augmentation plans, CPU tensors made by "
+        "the loader, become Python lists to group the samples by op; never a device tensor"),
     ("pipeline/loader.py", "<genexpr>"): (
         "host", "the shard loader reads each batch's loader-position tensors, CPU tensors made by the "
         "DataLoader (pinned host memory on a GPU), never on the device"),
