@@ -187,7 +187,7 @@ def main() -> int:
         # 4. the loader, every core
         cmd = [py, "benchmarks/loader.py", "--images", "64" if smoke else "1536", "--batch", "16" if smoke else "64",
                "--repeats", "1",
-               "--workers", str(1 if smoke else cores)]
+               "--workers", str(1 if smoke else cores)] + ([] if smoke else ["--device", "cuda"])
         text = stage(result, "loader", cmd, 300 if smoke else 60, logs, env)
         if text is not None:
             start = text.find("{")

@@ -3,6 +3,14 @@
 images from files with the same transforms, in one run, printed as JSON.
 
     python benchmarks/loader.py [--images 512] [--side 384] [--res 256] [--batch 64] [--workers 0]
+                                [--device cuda]
+
+Both loader paths are measured: the whole augmentation on the loader's core
+(`shard_loader_full_path`) and `augment.on_device` (`shard_loader_augment_on_device`:
+the core reads, decodes, draws and crops; resize, flip and RandAugment run on the
+training device). The device's half is timed on this core too
+(`device_half_on_one_cpu_core_ms_per_sample`, what a CPU-only run would pay) and,
+with `--device`, on that device (wall clock).
 
 Everything runs in this one process with one torch and one OpenCV thread,
 timed in process CPU time, so each figure is samples/s on one core. `breakdown_ms_per_sample` times the stages of the
@@ -12,7 +20,7 @@ between the loader and the decode-only ceiling is made of. The stages run
 over all images at once (hundreds of MB of decoded pixels, out of cache),
 so their sum can exceed the loader's own per-sample time, where each image
 goes through every stage while it is still in cache. `--workers N`
-adds the loader with N DataLoader worker processes (wall-clock samples/s of
+adds the loader (both paths) with N DataLoader worker processes (wall-clock samples/s of
 the whole machine; on a shared machine it measures the machine as much as
 the loader).
 
@@ -127,6 +135,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="also run the loader with this many workers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None,
+                        help="also time the device half of augment.on_device there (e.g. cuda), wall clock")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -246,9 +256,24 @@ def main() -> None:
                                           transform.augment.resize_backend: round(breakdown["crop_resize_bicubic"], 3)},
         }
         if args.workers:
-            multi, run_multi = shard_loader(args.workers)
-            wall = fastest_seconds({"multi": run_multi}, args.repeats, clock=time.perf_counter)["multi"]
-            result[f"shard_loader_{args.workers}_workers_samples_per_s_wall"] = round(multi.samples_per_epoch / wall, 1)
+            for on_device, suffix in ((False, ""), (True, "_augment_on_device")):
+                multi, run_multi = shard_loader(args.workers, on_device)
+                wall = fastest_seconds({"multi": run_multi}, args.repeats, clock=time.perf_counter)["multi"]
+                result[f"shard_loader_{args.workers}_workers{suffix}_samples_per_s_wall"] = round(
+                    multi.samples_per_epoch / wall, 1)
+        if args.device:
+            device = torch.device(args.device)
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+            def device_half():
+                for batch in crop_batches:
+                    crops_loader.images(batch, device)
+                sync()
+
+            device_half()   # warm-up: kernels, caches
+            wall = fastest_seconds({"device": device_half}, args.repeats, clock=time.perf_counter)["device"]
+            result[f"device_half_ms_per_sample_on_{device.type}_wall"] = round(
+                1000.0 * wall / crops_loader.samples_per_epoch, 4)
         print(json.dumps(result, indent=2))
 
 
