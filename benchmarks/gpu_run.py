@@ -17,8 +17,8 @@ sized to finish in under 8 minutes):
 3. step: benchmarks/step.py base, bf16, batch 64 (the model step alone, no loader or DeepSpeed);
 4. loader: benchmarks/loader.py with every core as a worker;
 5. retrieval: benchmarks/retrieval.py --throughput base, k=256, fp32 and bf16 (ITM pairs/s);
-6. syncs: benchmarks/syncs.py on the tiny config with the GPU ZeRO-2 JSON (torch's
-   CUDA sync-debug warnings counted too).
+6. syncs: benchmarks/syncs.py on the tiny config with the GPU ZeRO-2 JSON and the GPU
+   recipe's `data.augment.on_device` (torch's CUDA sync-debug warnings counted too).
 
 `--smoke` runs the same path on the CPU in a few minutes (tiny config, ds_configs/zero2_cpu.json,
 a few steps, small loader and re-ranking runs, no syncs stage): tests/test_benchmarks_smoke.py.
@@ -204,7 +204,7 @@ def main() -> int:
         # 6. device-to-host syncs of the training loop (GPU only: tests/test_speed_syncs.py covers the CPU)
         if not smoke:
             cmd = [py, "benchmarks/syncs.py", "--deepspeed-config", str(REPO / "ds_configs" / "zero2.json"),
-                   "data.num_workers=2"]
+                   "data.augment.on_device=true", "data.num_workers=2"]
             text = stage(result, "syncs", cmd, 60, logs, env)
             lines = json_lines(text or "")
             if lines:

@@ -29,6 +29,7 @@ shapes and the plan stay on the host, so the device never waits for them.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -41,7 +42,6 @@ from pipeline.transforms import (ALBEF_RANDAUG_OPS, FILL_RGB, GEOMETRIC_OPS, SHA
 
 OP_INDEX = {name: i for i, name in enumerate(ALBEF_RANDAUG_OPS)}
 NO_OP = -1.0
-CROP_KEYS = ("image_crops", "image_shapes", "image_plan")
 
 
 def crop_pixels(img: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -92,9 +92,26 @@ def augment_on_device(batch: dict, res: int, augment: AugmentConfig, device: tor
         for index, (rows, args) in sorted(groups.items()):
             name = ALBEF_RANDAUG_OPS[index]
             if name != "identity":
-                where = torch.tensor(rows, device=device)
+                where = _to_device(rows, torch.long, device)
                 out[where] = _DEVICE_OPS[name](out[where], args, augment.randaug_fix_overflow)
     return out
+
+
+def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values -> a tensor on `device` without waiting for it: a plain `torch.tensor(..., device=)`
+    copies synchronously, which on a GPU waits for every kernel already queued."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sharpness kernel [3, 1, 3, 3] and the fill colour [1, 3, 1, 1] on `device`, made once."""
+    kernel = torch.from_numpy(SHARPNESS_KERNEL).expand(3, 1, 3, 3).contiguous()
+    fill = torch.tensor(FILL_RGB, dtype=torch.float32).view(1, 3, 1, 1)
+    return kernel.to(device), fill.to(device)
 
 
 def _resize(crop: torch.Tensor, res: int, float_resize: bool) -> torch.Tensor:
@@ -145,15 +162,15 @@ def _equalize(x, args, fix_overflow):
 
 
 def _brightness(x, args, fix_overflow):
-    factors = torch.tensor(args, dtype=torch.float32, device=x.device)
+    factors = _to_device(args, torch.float32, x.device)
     levels = torch.arange(256, dtype=torch.float32, device=x.device)
     tables = (levels * factors[:, None]).clamp_(0, 255).to(torch.uint8)   # [b, 256]
     return _apply_tables(x, tables[:, None, :].expand(-1, x.shape[1], -1))
 
 
 def _sharpness(x, args, fix_overflow):
-    factors = torch.tensor(args, dtype=torch.float32, device=x.device)[:, None, None, None]
-    kernel = torch.from_numpy(SHARPNESS_KERNEL).to(x.device).expand(x.shape[1], 1, 3, 3)
+    factors = _to_device(args, torch.float32, x.device)[:, None, None, None]
+    kernel = _constants(x.device)[0]
     pixels = x.float()
     # OpenCV's filter2D result, saturated to uint8 (sums of integers / 13 never sit at .5: rounding is exact)
     degenerate = F.conv2d(pixels, kernel, groups=x.shape[1]).round_().clamp_(0, 255)
@@ -171,13 +188,13 @@ def _geometric(name: str):
     def op(x, args, fix_overflow):
         b, c, h, w = x.shape
         inverse = np.stack([_inverse(warp_matrix(name, a, w, h)) for a in args])
-        inverse = torch.tensor(inverse, dtype=torch.float32, device=x.device)           # [b, 2, 3]
+        inverse = _to_device(inverse, torch.float32, x.device)                          # [b, 2, 3]
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float32),
                                 torch.arange(w, device=x.device, dtype=torch.float32), indexing="ij")
         points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)                     # [h, w, 3]
         source = torch.einsum("bij,hwj->bhwi", inverse, points)                         # [b, h, w, 2] pixels
-        grid = source * torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)], device=x.device) - 1.0
-        fill = torch.tensor(FILL_RGB, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+        grid = torch.stack([source[..., 0] * (2.0 / (w - 1)), source[..., 1] * (2.0 / (h - 1))], dim=-1) - 1.0
+        fill = _constants(x.device)[1]
         # zero padding around (x - fill) is bilinear sampling with the fill colour outside
         warped = F.grid_sample(x.float() - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         return (warped + fill).round_().clamp_(0, 255).to(torch.uint8)

@@ -389,9 +389,10 @@ def run_img2dataset(slice_file: Path, work: Path, first: int, settings: dict,
     Its workers and progress logger are replaced by warm-starting ones
     (`pipeline.worker_pool`): same work, without re-importing img2dataset per process.
     """
+    from pipeline import worker_pool
     try:
-        import img2dataset
-        from pipeline import worker_pool
+        with worker_pool.torch_hidden():
+            import img2dataset
     except ImportError as err:
         raise DownloadError(f"img2dataset cannot be imported ({err}); {INSTALL_HINT}") from err
 

@@ -15,22 +15,22 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from img2dataset.downloader import compute_key  # noqa: E402
-from img2dataset.logger import CappedCounter, write_stats  # noqa: E402
-from img2dataset.resizer import Resizer  # noqa: E402
-from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
+from pipeline.manifest import STATS_SUFFIX, shard_name
+from pipeline.worker_pool import torch_hidden
 
-from pipeline.manifest import STATS_SUFFIX, shard_name  # noqa: E402
+with torch_hidden():   # img2dataset without torch: half its import time (pipeline/worker_pool.py)
+    from img2dataset.downloader import compute_key
+    from img2dataset.logger import CappedCounter, write_stats
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
 
 EMPTY_FILE = "empty file"
 READ_FAILED = "file not readable"

@@ -14,15 +14,35 @@ runs as a thread of the main process instead of a process of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import sys
 import threading
 from multiprocessing import get_context
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
-# what a worker needs; imported once by the forkserver, inherited by every worker
-PRELOAD = ("img2dataset.downloader", "img2dataset.resizer", "img2dataset.writer", "pipeline.pack")
+# what a worker needs (pipeline.pack imports img2dataset's downloader, resizer, writer and logger
+# under `torch_hidden`); imported once by the forkserver, inherited by every worker
+PRELOAD = ("pipeline.pack",)
+
+
+@contextlib.contextmanager
+def torch_hidden():
+    """Import img2dataset inside this: it imports webdataset, which imports torch when it can
+    (about 2.7 s of CPU per process, half of img2dataset's import) for DataLoader classes the
+    download stage never uses. While torch is hidden webdataset takes its torch-free path; an
+    `import torch` afterwards works as usual. A process that already has torch changes nothing."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None   # `import torch` raises ImportError meanwhile
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
 # img2dataset's value: a worker is replaced after this many shards (bounds leaks)
 MAX_TASKS_PER_CHILD = 5
 
