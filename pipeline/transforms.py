@@ -6,7 +6,10 @@ identity, autocontrast, equalize, brightness, sharpness, shearX/Y,
 translateX/Y, rotate, each drawn op applied with p=0.5 -> ToTensor -> CLIP
 normalisation. Test: Resize((res, res), bicubic) -> ToTensor -> normalise.
 
-Every random draw comes from a `random.Random` passed by the caller, never
+`ImageTransform.plan` makes every draw of a sample (an `ImagePlan`) and
+`apply` does the pixel work; with `augment.on_device` the shard loader ships
+the plan and the crop, and `pipeline.device_augment` applies it on the
+training device. Every random draw comes from a `random.Random` passed by the caller, never
 from a global generator: the loader seeds one per batch, so a resumed run
 augments each sample exactly as an uninterrupted one, and running in the
 training process (num_workers=0) leaves the trainer's RNG streams alone.
