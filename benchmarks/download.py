@@ -124,16 +124,34 @@ def adopt_orphans() -> bool:
         return False
 
 
-def reap_orphans(deadline_s: float = 60.0) -> None:
-    """Wait for every adopted descendant to exit (their rusage then joins RUSAGE_CHILDREN)."""
+def children() -> set[int]:
+    """Pids of this process's children (Linux /proc)."""
+    me, found = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:   # gone meanwhile
+            continue
+        if int(fields[1]) == me:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def reap_orphans(keep: set[int], deadline_s: float = 60.0) -> None:
+    """Wait for every adopted descendant to exit (their rusage then joins RUSAGE_CHILDREN), but
+    not for children that were there before (multiprocessing's resource tracker lives on: waiting
+    for it cost the full deadline)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        waiting = children() - keep
+        if not waiting:
             return
-        if pid == 0:
-            time.sleep(0.05)
+        for pid in waiting:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.05)
 
 
 def run_stage(args: list[str]) -> dict:
@@ -144,17 +162,18 @@ def run_stage(args: list[str]) -> dict:
     local server's threads, when one is running).
     """
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
-    children, own = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
+    before = children()
+    children_cpu, own = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.download", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
-    reap_orphans()
+    reap_orphans(keep=before)
     if done.returncode != 0:
         raise SystemExit(f"pipeline.download failed ({done.returncode}):\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     summary["wall_seconds_with_startup"] = round(wall, 2)
-    summary["stage_cpu_seconds"] = round(_cpu(resource.RUSAGE_CHILDREN) - children, 2)
+    summary["stage_cpu_seconds"] = round(_cpu(resource.RUSAGE_CHILDREN) - children_cpu, 2)
     summary["server_cpu_seconds"] = round(_cpu(resource.RUSAGE_SELF) - own, 2)
     return summary
 
