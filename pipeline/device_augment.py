@@ -17,7 +17,8 @@ docs/SPEED.md):
 - RandAugment, one op slot at a time, each op batched over the samples that
   drew it. Lookup-table ops (autocontrast, equalize, brightness) and
   sharpness are computed with the host path's arithmetic and give the same
-  bytes; the geometric ops (shear, translate, rotate) sample bilinearly with
+  bytes (integer and elementwise float arithmetic only: no convolution or
+  matmul, which a GPU may run in TF32); the geometric ops (shear, translate, rotate) sample bilinearly with
   `grid_sample` around the same grey fill, where OpenCV uses fixed-point
   coordinates: a few grey levels apart at edges (tests state the tolerance).
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.transforms import (ALBEF_RANDAUG_OPS, FILL_RGB, GEOMETRIC_OPS, SHARPNESS_KERNEL, AugmentConfig,
+from pipeline.transforms import (ALBEF_RANDAUG_OPS, FILL_RGB, GEOMETRIC_OPS, AugmentConfig,
                                  ImagePlan, warp_matrix)
 
 OP_INDEX = {name: i for i, name in enumerate(ALBEF_RANDAUG_OPS)}
@@ -107,11 +108,9 @@ def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=8)
-def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sharpness kernel [3, 1, 3, 3] and the fill colour [1, 3, 1, 1] on `device`, made once."""
-    kernel = torch.from_numpy(SHARPNESS_KERNEL).expand(3, 1, 3, 3).contiguous()
-    fill = torch.tensor(FILL_RGB, dtype=torch.float32).view(1, 3, 1, 1)
-    return kernel.to(device), fill.to(device)
+def _constants(device: torch.device) -> torch.Tensor:
+    """The warps' fill colour [1, 3, 1, 1] on `device`, made once."""
+    return torch.tensor(FILL_RGB, dtype=torch.float32).view(1, 3, 1, 1).to(device)
 
 
 def _resize(crop: torch.Tensor, res: int, float_resize: bool) -> torch.Tensor:
@@ -170,11 +169,18 @@ def _brightness(x, args, fix_overflow):
 
 def _sharpness(x, args, fix_overflow):
     factors = _to_device(args, torch.float32, x.device)[:, None, None, None]
-    kernel = _constants(x.device)[0]
-    pixels = x.float()
-    # OpenCV's filter2D result, saturated to uint8 (sums of integers / 13 never sit at .5: rounding is exact)
-    degenerate = F.conv2d(pixels, kernel, groups=x.shape[1]).round_().clamp_(0, 255)
-    blend = (pixels[..., 1:-1, 1:-1] - degenerate) * factors + degenerate
+    # OpenCV's filter2D with PIL's smoothing kernel, saturated to uint8: round(S / 13) with S the
+    # integer neighbourhood sum (centre x5). A sum of integers / 13 never sits at .5, so OpenCV's
+    # float rounding gives this exactly; integers keep it exact on any device (a GPU convolution
+    # may run in TF32).
+    wide = x.to(torch.int32)
+    h, w = x.shape[-2:]
+    total = 4 * wide[..., 1:-1, 1:-1]
+    for dy in range(3):
+        for dx in range(3):
+            total = total + wide[..., dy:h - 2 + dy, dx:w - 2 + dx]
+    degenerate = ((2 * total + 13) // 26).float()
+    blend = (wide[..., 1:-1, 1:-1].float() - degenerate) * factors + degenerate
     if fix_overflow:
         inner = blend.clamp_(0, 255).to(torch.uint8)
     else:   # the reference's cast: truncate toward zero, wrap modulo 256
@@ -188,13 +194,14 @@ def _geometric(name: str):
     def op(x, args, fix_overflow):
         b, c, h, w = x.shape
         inverse = np.stack([_inverse(warp_matrix(name, a, w, h)) for a in args])
-        inverse = _to_device(inverse, torch.float32, x.device)                          # [b, 2, 3]
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float32),
-                                torch.arange(w, device=x.device, dtype=torch.float32), indexing="ij")
-        points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)                     # [h, w, 3]
-        source = torch.einsum("bij,hwj->bhwi", inverse, points)                         # [b, h, w, 2] pixels
-        grid = torch.stack([source[..., 0] * (2.0 / (w - 1)), source[..., 1] * (2.0 / (h - 1))], dim=-1) - 1.0
-        fill = _constants(x.device)[1]
+        m = _to_device(inverse, torch.float32, x.device)[:, :, :, None, None]          # [b, 2, 3, 1, 1]
+        ys = torch.arange(h, device=x.device, dtype=torch.float32)[:, None]
+        xs = torch.arange(w, device=x.device, dtype=torch.float32)[None, :]
+        # source pixel of every output pixel, elementwise (a matmul may run in TF32 on a GPU)
+        source_x = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]                       # [b, h, w]
+        source_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
+        grid = torch.stack([source_x * (2.0 / (w - 1)) - 1.0, source_y * (2.0 / (h - 1)) - 1.0], dim=-1)
+        fill = _constants(x.device)
         # zero padding around (x - fill) is bilinear sampling with the fill colour outside
         warped = F.grid_sample(x.float() - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         return (warped + fill).round_().clamp_(0, 255).to(torch.uint8)
