@@ -200,7 +200,7 @@ def _geometric(name: str):
         # source pixel of every output pixel, elementwise (a matmul may run in TF32 on a GPU)
         source_x = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]                       # [b, h, w]
         source_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
-        grid = torch.stack([source_x * (2.0 / (w - 1)) - 1.0, source_y * (2.0 / (h - 1)) - 1.0], dim=-1)
+        grid = torch.stack([source_x * (2.0 / max(w - 1, 1)) - 1.0, source_y * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
         fill = _constants(x.device)
         # zero padding around (x - fill) is bilinear sampling with the fill colour outside
         warped = F.grid_sample(x.float() - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
