@@ -56,7 +56,7 @@ from pipeline.shards import read_segment  # noqa: E402
 from pipeline.tokenize import load_tokenizer, text_batch  # noqa: E402
 from pipeline.images import decode_rgb  # noqa: E402
 from pipeline.transforms import (ImageTransform, normalize_images, rand_augment, random_resized_crop_box,  # noqa: E402
-                                resize_bicubic, stack_pixels)
+                                crop_box, resize_bicubic, stack_pixels)
 
 VOCAB = "configs/tiny_vocab.txt"
 WORDS = ("a", "dog", "cat", "man", "woman", "on", "the", "grass", "street", "with", "red", "blue", "car")
@@ -189,8 +189,8 @@ def main() -> None:
         decoded = decode_all()
 
         def crop_resize(backend: str = transform.augment.resize_backend):
-            return [resize_bicubic(img.crop(_box(random_resized_crop_box(img.width, img.height,
-                                                                         transform.augment.crop_scale, rng))),
+            return [resize_bicubic(crop_box(img, random_resized_crop_box(img.width, img.height,
+                                                                         transform.augment.crop_scale, rng)),
                                    args.res, backend)
                     for img in decoded]
 
@@ -275,11 +275,6 @@ def main() -> None:
             result[f"device_half_ms_per_sample_on_{device.type}_wall"] = round(
                 1000.0 * wall / crops_loader.samples_per_epoch, 4)
         print(json.dumps(result, indent=2))
-
-
-def _box(crop: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    left, top, w, h = crop
-    return left, top, left + w, top + h
 
 
 if __name__ == "__main__":

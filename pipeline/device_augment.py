@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.transforms import (ALBEF_RANDAUG_OPS, FILL_RGB, GEOMETRIC_OPS, AugmentConfig,
-                                 ImagePlan, warp_matrix)
+from pipeline.transforms import (ALBEF_RANDAUG_OPS, FILL_RGB, GEOMETRIC_OPS, AugmentConfig, ImagePlan,
+                                 crop_box, warp_matrix)
 
 OP_INDEX = {name: i for i, name in enumerate(ALBEF_RANDAUG_OPS)}
 NO_OP = -1.0
@@ -47,23 +47,19 @@ NO_OP = -1.0
 
 def crop_pixels(img: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
     """The box of an RGB image as read-only uint8 [h, w, 3] (`np.asarray(img)` would take twice as long)."""
-    left, top, w, h = box
-    if (left, top, w, h) != (0, 0, img.width, img.height):
-        img = img.crop((left, top, left + w, top + h))
-    return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(h, w, 3)
+    _, _, w, h = box
+    return np.frombuffer(crop_box(img, box).tobytes(), dtype=np.uint8).reshape(h, w, 3)
 
 
 def pack_crops(crops: Sequence[np.ndarray], plans: Sequence[ImagePlan], slots: int) -> dict[str, torch.Tensor]:
     """Crops and their plans -> the batch keys of the module docstring; `slots` = augment.randaug_n."""
     shapes = torch.tensor([crop.shape[:2] for crop in crops], dtype=torch.long)
     flat = torch.from_numpy(np.concatenate([crop.reshape(-1) for crop in crops]))
-    table = torch.full((len(plans), 1 + 2 * slots), NO_OP, dtype=torch.float64)
-    for i, plan in enumerate(plans):
-        table[i, 0] = float(plan.flip)
-        for k, (name, arg) in enumerate(plan.ops):
-            table[i, 1 + 2 * k] = OP_INDEX[name]
-            table[i, 2 + 2 * k] = arg
-    return {"image_crops": flat, "image_shapes": shapes, "image_plan": table}
+    rows = []
+    for plan in plans:
+        ops = [value for name, arg in plan.ops for value in (OP_INDEX[name], arg)]
+        rows.append([float(plan.flip), *ops, *[NO_OP] * (2 * slots - len(ops))])
+    return {"image_crops": flat, "image_shapes": shapes, "image_plan": torch.tensor(rows, dtype=torch.float64)}
 
 
 def augment_on_device(batch: dict, res: int, augment: AugmentConfig, device: torch.device,
@@ -108,7 +104,7 @@ def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=8)
-def _constants(device: torch.device) -> torch.Tensor:
+def _fill_colour(device: torch.device) -> torch.Tensor:
     """The warps' fill colour [1, 3, 1, 1] on `device`, made once."""
     return torch.tensor(FILL_RGB, dtype=torch.float32).view(1, 3, 1, 1).to(device)
 
@@ -201,7 +197,7 @@ def _geometric(name: str):
         source_x = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]                       # [b, h, w]
         source_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
         grid = torch.stack([source_x * (2.0 / max(w - 1, 1)) - 1.0, source_y * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
-        fill = _constants(x.device)
+        fill = _fill_colour(x.device)
         # zero padding around (x - fill) is bilinear sampling with the fill colour outside
         warped = F.grid_sample(x.float() - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         return (warped + fill).round_().clamp_(0, 255).to(torch.uint8)

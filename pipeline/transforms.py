@@ -322,6 +322,14 @@ class ImagePlan:
     ops: tuple[tuple[str, float], ...] = ()
 
 
+def crop_box(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The (left, top, width, height) box of an image (the image itself when the box is all of it)."""
+    left, top, w, h = box
+    if (left, top, w, h) == (0, 0, img.width, img.height):
+        return img
+    return img.crop((left, top, left + w, top + h))
+
+
 class ImageTransform:
     """Pretraining (`train=True`) or test transform for one decoded RGB image.
 
@@ -350,11 +358,9 @@ class ImageTransform:
 
     def apply(self, img: Image.Image, plan: ImagePlan) -> np.ndarray:
         """Crop, resize, flip, RandAugment on this core: uint8 [res, res, 3]."""
-        left, top, w, h = plan.box
-        if (left, top, w, h) != (0, 0, img.width, img.height):
-            # crop, then resize: torchvision's border handling (resize(box=) would filter across the crop edge)
-            img = img.crop((left, top, left + w, top + h))
-        pixels = resize_bicubic(img, self.image_res, self.augment.resize_backend, flip=plan.flip)
+        # crop, then resize: torchvision's border handling (resize(box=) would filter across the crop edge)
+        pixels = resize_bicubic(crop_box(img, plan.box), self.image_res, self.augment.resize_backend,
+                                flip=plan.flip)
         return apply_rand_augment(pixels, plan.ops, self.augment.randaug_fix_overflow)
 
     def pixels(self, img: Image.Image, rng: random.Random) -> np.ndarray:
