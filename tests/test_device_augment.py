@@ -167,6 +167,8 @@ def test_settings_refuse_on_device_where_it_cannot_work():
 def test_the_gpu_recipe_augments_on_the_device_and_the_cpu_configs_on_the_loader():
     from model.engine.config import load_config
     from tests.fixtures.model import BASE_CONFIG, TINY_CONFIG
-    assert AugmentConfig.from_dict(load_config(BASE_CONFIG)["data"]["augment"]).on_device is True
-    for config in (TINY_CONFIG, TINY_CONFIG.with_name("demo.yaml")):
+    for config in (BASE_CONFIG, BASE_CONFIG.with_name("nlvr_pretrain.yaml")):
+        assert AugmentConfig.from_dict(load_config(config)["data"]["augment"]).on_device is True
+    for config in (TINY_CONFIG, TINY_CONFIG.with_name("demo.yaml"),
+                   TINY_CONFIG.with_name("nlvr_pretrain_tiny.yaml")):
         assert AugmentConfig.from_dict(load_config(config)["data"]["augment"]).on_device is False

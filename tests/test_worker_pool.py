@@ -46,3 +46,21 @@ def test_forkserver_workers_start_without_torch(tmp_path):
                "    with worker_context().Pool(1) as pool:\n"
                "        print(pool.map(probe, [0]))\n", tmp_path / "probe.py")
     assert out == "[(True, False)]"
+
+
+def test_start_early_starts_the_forkserver_that_later_pools_fork_from(tmp_path):
+    """`start_early` runs the workers' imports while the main process does its own; the pool made
+    afterwards must use that forkserver (its workers are its children), not start a second one."""
+    out = _run("import os, time\n"
+               "from multiprocessing import forkserver\n"
+               "from pipeline import worker_pool\n"
+               "def probe(_):\n"
+               "    import sys\n"
+               "    return os.getppid(), 'img2dataset.resizer' in sys.modules\n"
+               "if __name__ == '__main__':\n"
+               "    worker_pool.start_early()\n"
+               "    server = forkserver._forkserver._forkserver_pid\n"
+               "    with worker_pool.worker_context().Pool(2) as pool:\n"
+               "        parents = set(pool.map(probe, range(4)))\n"
+               "    print(server is not None and parents == {(server, True)})\n", tmp_path / "early.py")
+    assert out == "True"
