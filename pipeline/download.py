@@ -472,7 +472,8 @@ def run(source: str, input_path: Path, output: Path, settings: dict, slice_index
     summary["already_finished"] = len(names) - len(todo)
     if todo:
         from pipeline import worker_pool
-        worker_pool.start_early()  # its workers' imports overlap this process's
+        if plan["mode"] != MODE_PACK or worker_pool.pool_needed(settings["processes"], len(todo)):
+            worker_pool.start_early()  # the workers' imports overlap this process's
         summary["rows_fetched"] = sum(planned_rows(plan, int(name)) for name in todo)
         slice_file = write_slice_input(output, first, end)
         started = time.perf_counter()

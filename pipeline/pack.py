@@ -23,10 +23,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import worker_pool
 from pipeline.manifest import STATS_SUFFIX, shard_name
-from pipeline.worker_pool import torch_hidden
 
-with torch_hidden():   # img2dataset without torch: half its import time (pipeline/worker_pool.py)
+with worker_pool.torch_hidden():   # img2dataset without torch: half its import time (pipeline/worker_pool.py)
     from img2dataset.downloader import compute_key
     from img2dataset.logger import CappedCounter, write_stats
     from img2dataset.resizer import Resizer
@@ -131,11 +131,10 @@ def pack_shards(slice_file: str | Path, work_dir: str | Path, first_shard: int,
         part = table.slice(j * per_shard, per_shard).to_pydict()
         rows = list(zip(part["url"], part["caption"], part["source"]))
         tasks.append((shard_id, rows, str(work_dir), settings))
-    if processes <= 1 or len(tasks) <= 1:
+    if not worker_pool.pool_needed(processes, len(tasks)):
         for task in tasks:
             _pack_shard_logged(task)
         return
     # workers forked from a preloaded forkserver: no ~6 s re-import of img2dataset per worker
-    from pipeline.worker_pool import worker_context
-    with ProcessPoolExecutor(max_workers=processes, mp_context=worker_context()) as pool:
+    with ProcessPoolExecutor(max_workers=processes, mp_context=worker_pool.worker_context()) as pool:
         list(pool.map(_pack_shard_logged, tasks))

@@ -54,6 +54,11 @@ def worker_context():
     return context
 
 
+def pool_needed(processes: int, tasks: int) -> bool:
+    """Whether work of `tasks` shards on `processes` processes gets a pool (else it runs inline)."""
+    return processes > 1 and tasks > 1
+
+
 def start_early() -> None:
     """Start the forkserver now: its preload (about 3 s of CPU) then runs on another core while
     this process imports img2dataset for itself, instead of after it. Pools made later with
