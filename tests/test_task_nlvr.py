@@ -203,4 +203,4 @@ def test_a_tiny_model_learns_left_right_statements_on_pairs_it_never_saw(nlvr_da
     """Chance is 50%; half of the false statements name the other image's colour."""
     metrics = learn("nlvr", nlvr_data, tiny_task_cfg, steps=600)
     print(f"NLVR2 tiny, held-out: {metrics}")
-    assert metrics["acc"] >= 62.0, metrics   # measured: 74.0
+    assert metrics["acc"] >= 62.0, metrics   # measured: 69-77 over six seeds (learn's docstring)

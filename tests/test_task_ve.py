@@ -167,7 +167,7 @@ def test_a_tiny_model_learns_entailment_on_scenes_it_never_saw(ve_data, tiny_tas
     """Chance is 33.3% and neither the sentence nor the image alone says anything about the label."""
     metrics = learn("ve", ve_data, tiny_task_cfg, steps=900)
     print(f"SNLI-VE tiny, held-out: {metrics}")
-    assert metrics["acc"] >= 50.0, metrics   # measured: 63.5
+    assert metrics["acc"] >= 50.0, metrics   # measured: 67-78 over five seeds (learn's docstring)
 
 
 def test_an_unreadable_image_is_replaced_in_training_and_counted_wrong_in_evaluation(tmp_path, tiny_task_cfg):
