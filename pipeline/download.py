@@ -74,6 +74,7 @@ try:  # the `download` extra; main() reports its absence in one line
 except ImportError:
     pa = pq = None
 
+from pipeline import worker_pool  # noqa: E402
 from pipeline.manifest import (  # noqa: E402
     PLAN_NAME, SHARD_SUFFIX, STAGING_DIR, STATS_SUFFIX, atomic_write_json, format_reasons,
     planned_rows, read_stats, shard_name, temporary_name, write_manifest,
@@ -389,7 +390,6 @@ def run_img2dataset(slice_file: Path, work: Path, first: int, settings: dict,
     Its workers and progress logger are replaced by warm-starting ones
     (`pipeline.worker_pool`): same work, without re-importing img2dataset per process.
     """
-    from pipeline import worker_pool
     try:
         with worker_pool.torch_hidden():
             import img2dataset
@@ -471,7 +471,6 @@ def run(source: str, input_path: Path, output: Path, settings: dict, slice_index
         todo = prepare_work(output, work, names)
     summary["already_finished"] = len(names) - len(todo)
     if todo:
-        from pipeline import worker_pool
         if plan["mode"] != MODE_PACK or worker_pool.pool_needed(settings["processes"], len(todo)):
             worker_pool.start_early()  # the workers' imports overlap this process's
         summary["rows_fetched"] = sum(planned_rows(plan, int(name)) for name in todo)

@@ -47,7 +47,6 @@ class _Server(ThreadingHTTPServer):
     connection and the headers written apart, this server took 0.7-1.0 ms of CPU per image
     under the download benchmark's load, now 0.5-0.6 (docs/SPEED.md)."""
     request_queue_size = LISTEN_BACKLOG
-    daemon_threads = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -45,6 +45,8 @@ def torch_hidden():
     finally:
         if sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
+
+
 # img2dataset's value: a worker is replaced after this many shards (bounds leaks)
 MAX_TASKS_PER_CHILD = 5
 
@@ -66,7 +68,7 @@ def start_early() -> None:
     then runs on another core while this process imports img2dataset for itself, instead of
     after it. Pools made later with `worker_context()` find it running."""
     from multiprocessing import forkserver
-    worker_context()
+    worker_context()   # sets the forkserver's preload list
     forkserver.ensure_running()
 
 

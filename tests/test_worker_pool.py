@@ -51,7 +51,7 @@ def test_forkserver_workers_start_without_torch(tmp_path):
 def test_start_early_starts_the_forkserver_that_later_pools_fork_from(tmp_path):
     """`start_early` runs the workers' imports while the main process does its own; the pool made
     afterwards must use that forkserver (its workers are its children), not start a second one."""
-    out = _run("import os, time\n"
+    out = _run("import os\n"
                "from multiprocessing import forkserver\n"
                "from pipeline import worker_pool\n"
                "def probe(_):\n"
